@@ -1,0 +1,171 @@
+"""Environment variable names and the training configuration.
+
+Environment (set by ``template.yaml`` in the cloud and by ``localrun`` on a laptop):
+
+- ``EFS_ROOT``        where the EFS access point is mounted (default ``/mnt/efs``)
+- ``STATUS_TABLE``    the DynamoDB status table
+- ``AWS_LAMBDA_FUNCTION_NAME``  set by Lambda itself; the trainer invokes itself by this name
+- ``TF_ENABLE_ONEDNN_OPTS``     ``1`` (2.5x faster convolutions on x86 CPUs)
+- ``LOG_LEVEL``       ``INFO`` by default
+- ``SAFETY_MARGIN_S`` seconds a worker keeps in reserve before the Lambda deadline to save its state (default 60)
+
+Endpoints are never configured here: boto3 reads ``AWS_ENDPOINT_URL_LAMBDA`` / ``AWS_ENDPOINT_URL_DYNAMODB``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.efs_layout import check_name
+from trainer.errors import InvalidEventError
+
+ENV_EFS_ROOT = "EFS_ROOT"
+ENV_STATUS_TABLE = "STATUS_TABLE"
+ENV_FUNCTION_NAME = "AWS_LAMBDA_FUNCTION_NAME"
+ENV_ONEDNN = "TF_ENABLE_ONEDNN_OPTS"
+ENV_LOG_LEVEL = "LOG_LEVEL"
+ENV_SAFETY_MARGIN_S = "SAFETY_MARGIN_S"
+DEFAULT_EFS_ROOT = "/mnt/efs"
+DEFAULT_SAFETY_MARGIN_S = 60.0
+
+# The variables the handler reads that the deployment must set (Lambda sets the function name itself).
+REQUIRED_ENV = (ENV_EFS_ROOT, ENV_STATUS_TABLE, ENV_ONEDNN)
+
+# The status table's key schema; template.yaml declares the same (checked by the template gate).
+TABLE_KEY_SCHEMA = (("pk", "HASH"), ("sk", "RANGE"))
+
+MODELS = ("vgg19_bn", "vgg19")
+UPDATE_DTYPES = ("float32", "float16")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class Environment:
+    efs_root: Path
+    status_table: str
+    function_name: str
+    safety_margin_s: float
+
+
+def load(environ: Mapping[str, str] | None = None) -> Environment:
+    """Read the environment once per invocation; a missing required variable is a deployment error."""
+    environ = os.environ if environ is None else environ
+    table = environ.get(ENV_STATUS_TABLE, "")
+    if not table:
+        raise InvalidEventError(f"environment variable {ENV_STATUS_TABLE} is not set; expected the table name")
+    try:
+        margin = float(environ.get(ENV_SAFETY_MARGIN_S, DEFAULT_SAFETY_MARGIN_S))
+    except ValueError as exc:
+        raise InvalidEventError(f"{ENV_SAFETY_MARGIN_S} must be a number of seconds") from exc
+    return Environment(
+        efs_root=Path(environ.get(ENV_EFS_ROOT, DEFAULT_EFS_ROOT)),
+        status_table=table,
+        function_name=environ.get(ENV_FUNCTION_NAME, "lambdatrain-trainer"),
+        safety_margin_s=margin,
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one run. Every field may be set in the start event; the README documents each."""
+
+    workers: int = 4  # parallel Lambda workers, 1-256
+    epochs: int = 10  # passes over the training set
+    model: str = "vgg19_bn"  # "vgg19_bn" (CIFAR VGG-19 with BatchNorm) or "vgg19" (keras.applications)
+    width: float = 1.0  # channel multiplier for vgg19_bn (0.25 = a quarter of the channels)
+    image_size: int = 32  # inputs are resized to this many pixels (the paper's transfer setting: 224)
+    weights: str | None = None  # vgg19 only: None, "imagenet", or a weights file path relative to EFS_ROOT
+    batch_size: int = 128  # per worker, per local step
+    lr: float = 0.05  # local SGD learning rate (peak of the schedule)
+    lr_schedule: str = "cosine"  # "cosine" decay over rounds, or "constant"
+    momentum: float = 0.9  # local SGD momentum (reset at each round)
+    weight_decay: float = 5e-4  # decoupled weight decay of the local optimizer
+    rounds_per_epoch: int = 1  # combines per epoch; each worker trains 1/rounds_per_epoch of its shard per round
+    local_steps: int = 0  # if > 0: mini-batches per worker per round (overrides rounds_per_epoch)
+    outer_lr: float = 1.0  # server learning rate on the averaged update; 1.0 with momentum 0 = plain averaging
+    outer_momentum: float = 0.0  # Nesterov momentum of the outer update (0 disables it)
+    update_dtype: str = "float32"  # dtype of the weight deltas written to EFS ("float16" halves the bytes)
+    eval_every: int = 0  # evaluate every N rounds; 0 = at each epoch end
+    augment: bool = True  # random crop (4 px padding) and horizontal flip
+    seed: int = 0  # seeds initial weights, data order and augmentation
+    dataset: str = "cifar10"  # folder under <EFS_ROOT>/datasets/
+    train_samples: int = 0  # use only the first N training images (0 = all)
+    test_samples: int = 0  # evaluate on the first N test images (0 = all)
+    max_attempts: int = 3  # attempts per worker/combine event before the run is marked FAILED
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> TrainConfig:
+        """Validate a start event's configuration keys; unknown keys and wrong types are rejected."""
+        known = {field.name: field for field in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise InvalidEventError(f"unknown configuration key(s) {unknown}; expected some of {sorted(known)}")
+        values = {name: _coerce(name, value, known[name].type) for name, value in raw.items()}
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        _check_range("workers", self.workers, 1, 256)
+        _check_range("epochs", self.epochs, 1, 10_000)
+        _check_choice("model", self.model, MODELS)
+        _check_range("width", self.width, 1 / 64, 4.0)
+        _check_range("image_size", self.image_size, 32, 512)
+        _check_range("batch_size", self.batch_size, 1, 4096)
+        _check_range("lr", self.lr, 0.0, 10.0)
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_range("momentum", self.momentum, 0.0, 0.999)
+        _check_range("weight_decay", self.weight_decay, 0.0, 1.0)
+        _check_range("rounds_per_epoch", self.rounds_per_epoch, 1, 10_000)
+        _check_range("local_steps", self.local_steps, 0, 1_000_000)
+        _check_range("outer_lr", self.outer_lr, 0.0, 10.0)
+        _check_range("outer_momentum", self.outer_momentum, 0.0, 0.999)
+        _check_choice("update_dtype", self.update_dtype, UPDATE_DTYPES)
+        _check_range("eval_every", self.eval_every, 0, 1_000_000)
+        _check_range("seed", self.seed, 0, 2**31 - 1)
+        check_name("dataset", self.dataset)
+        _check_range("train_samples", self.train_samples, 0, 100_000_000)
+        _check_range("test_samples", self.test_samples, 0, 100_000_000)
+        _check_range("max_attempts", self.max_attempts, 1, 10)
+        if self.model == "vgg19_bn" and self.weights is not None:
+            raise InvalidEventError("weights is only supported for model 'vgg19', got model 'vgg19_bn'")
+        if self.weights is not None and self.weights != "imagenet":
+            relative = Path(self.weights)
+            if relative.is_absolute() or ".." in relative.parts or not self.weights.strip():
+                raise InvalidEventError(
+                    f"weights must be None, 'imagenet' or a path relative to EFS_ROOT, got {self.weights!r}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """Check a JSON value against the field's annotation; ints stay ints, bools are never numbers."""
+    kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "str | None": (str, type(None))}
+    allowed = kinds[annotation]
+    if isinstance(value, bool) and bool not in allowed:
+        raise InvalidEventError(f"{name} must be {annotation}, got boolean {value!r}")
+    if not isinstance(value, allowed):
+        raise InvalidEventError(f"{name} must be {annotation}, got {type(value).__name__} {value!r}")
+    if annotation == "float":
+        value = float(value)
+        if not math.isfinite(value):
+            raise InvalidEventError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise InvalidEventError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InvalidEventError(f"{name} must be one of {list(choices)}, got {value!r}")

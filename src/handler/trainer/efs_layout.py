@@ -1,0 +1,160 @@
+"""Every path under the EFS mount, and atomic file writes.
+
+Layout (``<root>`` is ``EFS_ROOT``)::
+
+    <root>/datasets/<dataset>/{train_x,train_y,test_x,test_y}.npy, manifest.json
+    <root>/runs/<run>/config.json                       resolved training configuration
+    <root>/runs/<run>/weights/round-000012.npz          global weights at the start of round 12
+    <root>/runs/<run>/updates/round-000012/worker-0003.npz   worker 3's update for round 12
+    <root>/runs/<run>/partial/round-000012/worker-0003.npz   local state of a worker continued in a chained call
+    <root>/runs/<run>/outer/round-000012.npz            outer-optimizer (Nesterov) momentum before round 12
+    <root>/runs/<run>/final.keras                       the trained model
+
+Writers create a temporary name in the target's directory, fsync, then ``os.replace``; readers and the
+combiner only ever look at final names, so a crash never leaves a half-written file where one is counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from trainer.errors import InvalidEventError, LayoutError
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TMP_PREFIX = ".tmp-"
+_META_KEY = "__meta__"
+_UPDATE_RE = re.compile(r"^worker-(\d{4})\.npz$")
+
+
+def check_name(kind: str, value: object) -> str:
+    """Reject anything that is not a plain name (no ``/``, ``..``, spaces or NULs) before it becomes a path."""
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise InvalidEventError(f"{kind} must match [A-Za-z0-9_-]{{1,64}}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class EfsLayout:
+    root: Path
+
+    def dataset_dir(self, dataset: str) -> Path:
+        return self.root / "datasets" / check_name("dataset", dataset)
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / check_name("run", run_id)
+
+    def config_path(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "config.json"
+
+    def weights_path(self, run_id: str, round_index: int) -> Path:
+        return self.run_dir(run_id) / "weights" / f"round-{round_index:06d}.npz"
+
+    def updates_dir(self, run_id: str, round_index: int) -> Path:
+        return self.run_dir(run_id) / "updates" / f"round-{round_index:06d}"
+
+    def update_path(self, run_id: str, round_index: int, worker_index: int) -> Path:
+        return self.updates_dir(run_id, round_index) / f"worker-{worker_index:04d}.npz"
+
+    def partial_path(self, run_id: str, round_index: int, worker_index: int) -> Path:
+        return self.run_dir(run_id) / "partial" / f"round-{round_index:06d}" / f"worker-{worker_index:04d}.npz"
+
+    def outer_state_path(self, run_id: str, round_index: int) -> Path:
+        return self.run_dir(run_id) / "outer" / f"round-{round_index:06d}.npz"
+
+    def final_model_path(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "final.keras"
+
+    def finished_updates(self, run_id: str, round_index: int) -> list[int]:
+        """Worker indices whose update file for this round is complete (final name present)."""
+        directory = self.updates_dir(run_id, round_index)
+        if not directory.is_dir():
+            return []
+        found = (_UPDATE_RE.fullmatch(entry.name) for entry in directory.iterdir())
+        return sorted(int(match.group(1)) for match in found if match)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """Open a temporary file beside ``path``; on success fsync and rename it into place, else remove it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "xb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a directory be fsynced
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_bytes(path: Path, data: bytes) -> int:
+    with atomic_writer(path) as handle:
+        handle.write(data)
+    return len(data)
+
+
+def write_json(path: Path, obj: Any) -> int:
+    return write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise LayoutError(f"{path}: missing") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LayoutError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def save_arrays(path: Path, arrays: Sequence[np.ndarray], meta: dict[str, Any] | None = None) -> int:
+    """Write a list of arrays plus JSON metadata as one ``.npz``, atomically. Returns bytes written."""
+    buffer = io.BytesIO()
+    named = {f"a{index:04d}": np.asarray(array) for index, array in enumerate(arrays)}
+    named[_META_KEY] = np.frombuffer(json.dumps(meta or {}, sort_keys=True).encode(), dtype=np.uint8)
+    np.savez(buffer, **named)
+    return write_bytes(path, buffer.getvalue())
+
+
+def load_arrays(path: Path) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Read what :func:`save_arrays` wrote; a missing or damaged file raises :class:`LayoutError`."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = sorted(key for key in archive.files if key != _META_KEY)
+            arrays = [archive[key] for key in keys]
+            meta = json.loads(archive[_META_KEY].tobytes()) if _META_KEY in archive.files else {}
+    except FileNotFoundError as exc:
+        raise LayoutError(f"{path}: missing") from exc
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise LayoutError(f"{path}: unreadable array archive ({exc})") from exc
+    return arrays, meta
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

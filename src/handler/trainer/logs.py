@@ -1,0 +1,60 @@
+"""One JSON object per log line, with per-invocation keys bound through a context variable.
+
+Keys always present: ``level``, ``timestamp``, ``location``, ``message``. Keys bound per invocation
+(``run_id``, ``request_id``, ``worker_index``, ``round``, ``epoch`` ...) come from :func:`bind`. Extra fields
+go through ``logger.info("event_name", extra={"fields": {...}})`` or the :func:`event` shortcut.
+``None`` values are dropped; values JSON cannot encode are written with ``str``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+_bound: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("log_keys", default=None)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "level": record.levelname,
+            "timestamp": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "location": f"{record.name}:{record.lineno}",
+            "message": record.getMessage(),
+        }
+        payload.update(_bound.get() or {})
+        payload.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+            payload["exception_name"] = record.exc_info[0].__name__ if record.exc_info[0] else None
+        return json.dumps({k: v for k, v in payload.items() if v is not None}, default=str)
+
+
+def setup(level: str | None = None) -> None:
+    """Install the JSON formatter on the root logger (idempotent; Lambda's own handler is replaced)."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root.handlers[:] = [handler]
+    root.setLevel(level or os.environ.get("LOG_LEVEL", "INFO"))
+
+
+def bind(**keys: Any) -> None:
+    """Bind keys for every following log line of this invocation (replaces earlier bindings)."""
+    _bound.set({k: v for k, v in keys.items() if v is not None})
+
+
+def bind_more(**keys: Any) -> None:
+    current = dict(_bound.get() or {})
+    current.update({k: v for k, v in keys.items() if v is not None})
+    _bound.set(current)
+
+
+def event(logger: logging.Logger, message: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log a stable snake_case event name with numeric fields: ``event(log, "gradients_written", size_bytes=n)``."""
+    logger.log(level, message, extra={"fields": fields}, stacklevel=2)

@@ -1,0 +1,247 @@
+"""The trainer's events: one frozen dataclass per kind, and :func:`parse_event` (no I/O here).
+
+Wire keys from the paper stay verbatim (``start``, ``workers``, ``workerno``, ``epochsdone``, ``combine``);
+keys this project adds are snake_case (``run``, ``round``, ``attempt``, ``resume``, ``resume_step``).
+
+==================  ===========================================================================================
+kind                example
+==================  ===========================================================================================
+start               ``{"start": true, "workers": 6, "run": "exp1", "epochs": 3, ...TrainConfig keys}``
+start (S3)          an ``ObjectCreated`` notification for ``start/<name>.json``; the object body is a start event
+worker              ``{"workerno": 3, "workers": 6, "epochsdone": 7, "run": "exp1", "round": 12}``
+combine             ``{"combine": true, "workers": 6, "epochsdone": 7, "run": "exp1", "round": 12}``
+stop                ``{"stop": true, "run": "exp1"}`` - finish the current round, then state STOPPED
+failure record      what a Lambda ``OnFailure`` destination delivers for a failed worker/combine event
+==================  ===========================================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from trainer.config import TrainConfig
+from trainer.efs_layout import check_name
+from trainer.errors import InvalidEventError
+
+START_PREFIX = "start/"
+START_SUFFIX = ".json"
+MAX_WORKERS = 256
+
+
+@dataclass(frozen=True)
+class StartEvent:
+    config: TrainConfig
+    run_id: str | None = None  # generated when absent
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class S3StartEvent:
+    """A start object was uploaded; its body (read by the flow, not here) is a start event."""
+
+    bucket: str
+    key: str
+
+
+@dataclass(frozen=True)
+class WorkerEvent:
+    run_id: str
+    round_index: int
+    worker_index: int
+    num_workers: int
+    epochs_done: int
+    attempt: int = 1
+    resume_step: int = 0  # > 0: a chained continuation that starts at this local step
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = {
+            "workerno": self.worker_index,
+            "workers": self.num_workers,
+            "epochsdone": self.epochs_done,
+            "run": self.run_id,
+            "round": self.round_index,
+            "attempt": self.attempt,
+        }
+        if self.resume_step:
+            wire["resume_step"] = self.resume_step
+        return wire
+
+
+@dataclass(frozen=True)
+class CombineEvent:
+    run_id: str
+    round_index: int
+    num_workers: int
+    epochs_done: int
+    attempt: int = 1
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "combine": True,
+            "workers": self.num_workers,
+            "epochsdone": self.epochs_done,
+            "run": self.run_id,
+            "round": self.round_index,
+            "attempt": self.attempt,
+        }
+
+
+@dataclass(frozen=True)
+class StopEvent:
+    run_id: str
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """An ``OnFailure`` destination record: the failed event and why it failed."""
+
+    failed: WorkerEvent | CombineEvent
+    error_message: str
+    request_id: str | None
+
+
+Event = StartEvent | S3StartEvent | WorkerEvent | CombineEvent | StopEvent | FailureRecord
+
+
+def parse_event(raw: Any) -> Event:
+    """Classify and validate a raw Lambda event. Raises :class:`InvalidEventError` naming the bad key."""
+    if not isinstance(raw, Mapping):
+        raise InvalidEventError(f"event must be a JSON object, got {type(raw).__name__}")
+    if "requestPayload" in raw and "requestContext" in raw:
+        return _parse_failure_record(raw)
+    if "Records" in raw:
+        return _parse_s3(raw)
+    if "start" in raw:
+        return parse_start(raw)
+    if "combine" in raw:
+        return _parse_combine(raw)
+    if "workerno" in raw:
+        return _parse_worker(raw)
+    if "stop" in raw:
+        _expect_keys(raw, required={"stop", "run"}, optional=set())
+        _require_true(raw, "stop")
+        return StopEvent(run_id=check_name("run", raw["run"]))
+    raise InvalidEventError(
+        f"unrecognised event with keys {sorted(raw)}; expected one of 'start', 'workerno', 'combine', 'stop', "
+        "an S3 'Records' notification or a Lambda destination record"
+    )
+
+
+def parse_start(raw: Any) -> StartEvent:
+    """Validate a start event (direct, or the body of a start object)."""
+    if not isinstance(raw, Mapping):
+        raise InvalidEventError(f"start event must be a JSON object, got {type(raw).__name__}")
+    _require_true(raw, "start")
+    body = dict(raw)
+    body.pop("start")
+    run_id = body.pop("run", None)
+    if run_id is not None:
+        check_name("run", run_id)
+    resume = body.pop("resume", False)
+    if not isinstance(resume, bool):
+        raise InvalidEventError(f"resume must be a boolean, got {resume!r}")
+    if "workers" not in body and not resume:
+        raise InvalidEventError("start event is missing 'workers' (an integer from 1 to 256)")
+    return StartEvent(config=TrainConfig.from_mapping(body), run_id=run_id, resume=resume)
+
+
+def parse_start_object(body: bytes, key: str) -> StartEvent:
+    try:
+        raw = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidEventError(f"start object {key!r} is not valid JSON: {exc}") from exc
+    return parse_start(raw)
+
+
+def _parse_worker(raw: Mapping[str, Any]) -> WorkerEvent:
+    _expect_keys(raw, required={"workerno", "workers", "epochsdone", "run", "round"}, optional={"attempt", "resume_step"})
+    workers = _int(raw, "workers", 1, MAX_WORKERS)
+    event = WorkerEvent(
+        run_id=check_name("run", raw["run"]),
+        round_index=_int(raw, "round", 0, 10**9),
+        worker_index=_int(raw, "workerno", 0, workers - 1),
+        num_workers=workers,
+        epochs_done=_int(raw, "epochsdone", 0, 10**6),
+        attempt=_int(raw, "attempt", 1, 100, default=1),
+        resume_step=_int(raw, "resume_step", 0, 10**9, default=0),
+    )
+    return event
+
+
+def _parse_combine(raw: Mapping[str, Any]) -> CombineEvent:
+    _expect_keys(raw, required={"combine", "workers", "epochsdone", "run", "round"}, optional={"attempt"})
+    _require_true(raw, "combine")
+    return CombineEvent(
+        run_id=check_name("run", raw["run"]),
+        round_index=_int(raw, "round", 0, 10**9),
+        num_workers=_int(raw, "workers", 1, MAX_WORKERS),
+        epochs_done=_int(raw, "epochsdone", 0, 10**6),
+        attempt=_int(raw, "attempt", 1, 100, default=1),
+    )
+
+
+def _parse_s3(raw: Mapping[str, Any]) -> S3StartEvent:
+    records = raw["Records"]
+    if not isinstance(records, list) or len(records) != 1:
+        count = len(records) if isinstance(records, list) else type(records).__name__
+        raise InvalidEventError(f"S3 event must hold exactly one record, got {count}")
+    record = records[0]
+    try:
+        source = record["eventSource"]
+        name = record["eventName"]
+        bucket = record["s3"]["bucket"]["name"]
+        encoded_key = record["s3"]["object"]["key"]
+    except (KeyError, TypeError) as exc:
+        raise InvalidEventError(f"S3 record is missing {exc}; expected the shape of an s3:ObjectCreated notification") from exc
+    if source != "aws:s3" or not str(name).startswith("ObjectCreated"):
+        raise InvalidEventError(f"expected an aws:s3 ObjectCreated record, got {source!r} {name!r}")
+    if not isinstance(bucket, str) or not isinstance(encoded_key, str):
+        raise InvalidEventError("S3 record bucket name and object key must be strings")
+    key = urllib.parse.unquote_plus(encoded_key)
+    if not key.startswith(START_PREFIX) or not key.endswith(START_SUFFIX):
+        raise InvalidEventError(f"S3 key {key!r} is not a start object; expected {START_PREFIX}<name>{START_SUFFIX}")
+    return S3StartEvent(bucket=bucket, key=key)
+
+
+def _parse_failure_record(raw: Mapping[str, Any]) -> FailureRecord:
+    payload = raw["requestPayload"]
+    if not isinstance(payload, Mapping) or not ("workerno" in payload or "combine" in payload):
+        raise InvalidEventError("failure record's requestPayload must be a worker or combine event")
+    failed = _parse_combine(payload) if "combine" in payload else _parse_worker(payload)
+    response = raw.get("responsePayload")
+    if isinstance(response, Mapping):
+        message = str(response.get("errorMessage") or response.get("errorType") or "unknown error")
+    else:
+        condition = raw["requestContext"].get("condition") if isinstance(raw["requestContext"], Mapping) else None
+        message = str(condition or "unknown error")
+    context = raw["requestContext"] if isinstance(raw["requestContext"], Mapping) else {}
+    return FailureRecord(failed=failed, error_message=message[:1000], request_id=context.get("requestId"))
+
+
+def _expect_keys(raw: Mapping[str, Any], required: set[str], optional: set[str]) -> None:
+    missing = sorted(required - set(raw))
+    if missing:
+        raise InvalidEventError(f"event is missing key(s) {missing}")
+    unknown = sorted(set(raw) - required - optional)
+    if unknown:
+        raise InvalidEventError(f"event has unknown key(s) {unknown}; allowed: {sorted(required | optional)}")
+
+
+def _require_true(raw: Mapping[str, Any], key: str) -> None:
+    if raw.get(key) is not True:
+        raise InvalidEventError(f"{key} must be true, got {raw.get(key)!r}")
+
+
+def _int(raw: Mapping[str, Any], key: str, low: int, high: int, default: int | None = None) -> int:
+    if key not in raw and default is not None:
+        return default
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidEventError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
+    if not low <= value <= high:
+        raise InvalidEventError(f"{key} must be between {low} and {high}, got {value}")
+    return value
