@@ -58,7 +58,9 @@ def load(environ: Mapping[str, str] | None = None) -> Environment:
     environ = os.environ if environ is None else environ
     table = environ.get(ENV_STATUS_TABLE, "")
     if not table:
-        raise InvalidEventError(f"environment variable {ENV_STATUS_TABLE} is not set; expected the table name")
+        raise InvalidEventError(
+            f"environment variable {ENV_STATUS_TABLE} is not set; expected the table name"
+        )
     try:
         margin = float(environ.get(ENV_SAFETY_MARGIN_S, DEFAULT_SAFETY_MARGIN_S))
     except ValueError as exc:
@@ -86,9 +88,13 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # "cosine" decay over rounds, or "constant"
     momentum: float = 0.9  # local SGD momentum (reset at each round)
     weight_decay: float = 5e-4  # decoupled weight decay of the local optimizer
-    rounds_per_epoch: int = 1  # combines per epoch; each worker trains 1/rounds_per_epoch of its shard per round
+    rounds_per_epoch: int = (
+        1  # combines per epoch; each worker trains 1/rounds_per_epoch of its shard per round
+    )
     local_steps: int = 0  # if > 0: mini-batches per worker per round (overrides rounds_per_epoch)
-    outer_lr: float = 1.0  # server learning rate on the averaged update; 1.0 with momentum 0 = plain averaging
+    outer_lr: float = (
+        1.0  # server learning rate on the averaged update; 1.0 with momentum 0 = plain averaging
+    )
     outer_momentum: float = 0.0  # Nesterov momentum of the outer update (0 disables it)
     update_dtype: str = "float32"  # dtype of the weight deltas written to EFS ("float16" halves the bytes)
     eval_every: int = 0  # evaluate every N rounds; 0 = at each epoch end
@@ -105,7 +111,9 @@ class TrainConfig:
         known = {field.name: field for field in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - set(known))
         if unknown:
-            raise InvalidEventError(f"unknown configuration key(s) {unknown}; expected some of {sorted(known)}")
+            raise InvalidEventError(
+                f"unknown configuration key(s) {unknown}; expected some of {sorted(known)}"
+            )
         values = {name: _coerce(name, value, known[name].type) for name, value in raw.items()}
         config = cls(**values)
         config.validate()
@@ -148,7 +156,13 @@ class TrainConfig:
 
 def _coerce(name: str, value: Any, annotation: str) -> Any:
     """Check a JSON value against the field's annotation; ints stay ints, bools are never numbers."""
-    kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "str | None": (str, type(None))}
+    kinds = {
+        "int": (int,),
+        "float": (int, float),
+        "str": (str,),
+        "bool": (bool,),
+        "str | None": (str, type(None)),
+    }
     allowed = kinds[annotation]
     if isinstance(value, bool) and bool not in allowed:
         raise InvalidEventError(f"{name} must be {annotation}, got boolean {value!r}")

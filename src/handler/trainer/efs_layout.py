@@ -67,7 +67,9 @@ class EfsLayout:
         return self.updates_dir(run_id, round_index) / f"worker-{worker_index:04d}.npz"
 
     def partial_path(self, run_id: str, round_index: int, worker_index: int) -> Path:
-        return self.run_dir(run_id) / "partial" / f"round-{round_index:06d}" / f"worker-{worker_index:04d}.npz"
+        return (
+            self.run_dir(run_id) / "partial" / f"round-{round_index:06d}" / f"worker-{worker_index:04d}.npz"
+        )
 
     def outer_state_path(self, run_id: str, round_index: int) -> Path:
         return self.run_dir(run_id) / "outer" / f"round-{round_index:06d}.npz"

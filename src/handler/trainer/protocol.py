@@ -158,7 +158,11 @@ def parse_start_object(body: bytes, key: str) -> StartEvent:
 
 
 def _parse_worker(raw: Mapping[str, Any]) -> WorkerEvent:
-    _expect_keys(raw, required={"workerno", "workers", "epochsdone", "run", "round"}, optional={"attempt", "resume_step"})
+    _expect_keys(
+        raw,
+        required={"workerno", "workers", "epochsdone", "run", "round"},
+        optional={"attempt", "resume_step"},
+    )
     workers = _int(raw, "workers", 1, MAX_WORKERS)
     event = WorkerEvent(
         run_id=check_name("run", raw["run"]),
@@ -196,14 +200,18 @@ def _parse_s3(raw: Mapping[str, Any]) -> S3StartEvent:
         bucket = record["s3"]["bucket"]["name"]
         encoded_key = record["s3"]["object"]["key"]
     except (KeyError, TypeError) as exc:
-        raise InvalidEventError(f"S3 record is missing {exc}; expected the shape of an s3:ObjectCreated notification") from exc
+        raise InvalidEventError(
+            f"S3 record is missing {exc}; expected the shape of an s3:ObjectCreated notification"
+        ) from exc
     if source != "aws:s3" or not str(name).startswith("ObjectCreated"):
         raise InvalidEventError(f"expected an aws:s3 ObjectCreated record, got {source!r} {name!r}")
     if not isinstance(bucket, str) or not isinstance(encoded_key, str):
         raise InvalidEventError("S3 record bucket name and object key must be strings")
     key = urllib.parse.unquote_plus(encoded_key)
     if not key.startswith(START_PREFIX) or not key.endswith(START_SUFFIX):
-        raise InvalidEventError(f"S3 key {key!r} is not a start object; expected {START_PREFIX}<name>{START_SUFFIX}")
+        raise InvalidEventError(
+            f"S3 key {key!r} is not a start object; expected {START_PREFIX}<name>{START_SUFFIX}"
+        )
     return S3StartEvent(bucket=bucket, key=key)
 
 
@@ -216,7 +224,9 @@ def _parse_failure_record(raw: Mapping[str, Any]) -> FailureRecord:
     if isinstance(response, Mapping):
         message = str(response.get("errorMessage") or response.get("errorType") or "unknown error")
     else:
-        condition = raw["requestContext"].get("condition") if isinstance(raw["requestContext"], Mapping) else None
+        condition = (
+            raw["requestContext"].get("condition") if isinstance(raw["requestContext"], Mapping) else None
+        )
         message = str(condition or "unknown error")
     context = raw["requestContext"] if isinstance(raw["requestContext"], Mapping) else {}
     return FailureRecord(failed=failed, error_message=message[:1000], request_id=context.get("requestId"))
