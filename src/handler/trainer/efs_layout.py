@@ -22,6 +22,7 @@ import json
 import os
 import re
 import uuid
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +151,7 @@ def load_arrays(path: Path) -> tuple[list[np.ndarray], dict[str, Any]]:
             meta = json.loads(archive[_META_KEY].tobytes()) if _META_KEY in archive.files else {}
     except FileNotFoundError as exc:
         raise LayoutError(f"{path}: missing") from exc
-    except (OSError, ValueError, KeyError, EOFError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise LayoutError(f"{path}: unreadable array archive ({exc})") from exc
     return arrays, meta
 

@@ -1,0 +1,21 @@
+"""Fixtures for the trainer's tests (the harness itself lives in ``trainer_harness``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from trainer_harness import Harness, write_synthetic_dataset
+
+
+@pytest.fixture
+def synthetic_efs(efs_root: Path) -> Path:
+    """An EFS root holding a small learnable dataset under ``datasets/cifar10``."""
+    write_synthetic_dataset(efs_root / "datasets" / "cifar10")
+    return efs_root
+
+
+@pytest.fixture
+def harness(synthetic_efs: Path, table: Any, aws_env: None, monkeypatch: pytest.MonkeyPatch) -> Harness:
+    return Harness(synthetic_efs, table, monkeypatch)

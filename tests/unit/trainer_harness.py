@@ -1,0 +1,128 @@
+"""An in-process Lambda harness for the trainer's tests, and a learnable synthetic dataset.
+
+The harness runs the real handler (``app.lambda_handler``) and keeps every asynchronous invocation it makes in a
+queue, so a test decides the delivery order, duplicates events, or drops one, and then drains the queue.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+NUM_CLASSES = 10
+
+
+def write_synthetic_dataset(directory: Path, num_train: int = 240, num_test: int = 80, seed: int = 0) -> None:
+    """A learnable stand-in for CIFAR-10 (class = brightness band) in the layout ``prep`` writes."""
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    manifest: dict[str, Any] = {
+        "format_version": 1,
+        "dataset": directory.name,
+        "label_names": [f"class{index}" for index in range(NUM_CLASSES)],
+        "arrays": {},
+    }
+    for split, count in (("train", num_train), ("test", num_test)):
+        labels = (np.arange(count) % NUM_CLASSES).astype(np.uint8)
+        rng.shuffle(labels)
+        images = (rng.integers(0, 40, (count, 32, 32, 3)) + labels[:, None, None, None] * 22).astype(np.uint8)
+        for name, array in ((f"{split}_x", images), (f"{split}_y", labels)):
+            np.save(directory / f"{name}.npy", array)
+            manifest["arrays"][name] = {"file": f"{name}.npy", "shape": list(array.shape), "dtype": "uint8"}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+@dataclasses.dataclass
+class FakeContext:
+    aws_request_id: str = "00000000-test"
+    function_name: str = "lambdatrain-trainer"
+    remaining_ms: Callable[[], int] = lambda: 900_000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms()
+
+
+class QueueInvoker:
+    def __init__(self) -> None:
+        self.queue: collections.deque[dict[str, Any]] = collections.deque()
+        self.sent: list[dict[str, Any]] = []
+
+    def invoke_async(self, payloads):
+        self.queue.extend(payloads)
+        self.sent.extend(payloads)
+
+
+class Harness:
+    """Drive the real handler; asynchronous invocations land in ``invoker.queue``."""
+
+    def __init__(self, efs_root: Path, table: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        import app
+        from trainer import config, rounds
+        from trainer.coordination import StatusTable
+        from trainer.efs_layout import EfsLayout
+
+        self.app = app
+        self.efs_root = efs_root
+        self.invoker = QueueInvoker()
+        self.status = StatusTable(table)
+        self.layout = EfsLayout(efs_root)
+        monkeypatch.setenv("EFS_ROOT", str(efs_root))
+        monkeypatch.setenv("STATUS_TABLE", table.name)
+        monkeypatch.setenv("SAFETY_MARGIN_S", "0")
+        services = rounds.Services(
+            layout=self.layout, status=self.status, invoker=self.invoker, environment=config.load()
+        )
+        self.services = services
+        monkeypatch.setattr(app, "_services_for", lambda environment: services)
+        self.results: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    def invoke(self, event: dict[str, Any], context: FakeContext | None = None) -> dict[str, Any]:
+        result = self.app.lambda_handler(event, context or FakeContext())
+        self.results.append((event, result))
+        return result
+
+    def drain(self, duplicate: bool = False, limit: int = 500) -> None:
+        """Deliver queued events in order until none is left (each twice with ``duplicate``)."""
+        for _ in range(limit):
+            if not self.invoker.queue:
+                return
+            event = self.invoker.queue.popleft()
+            self.invoke(event)
+            if duplicate:
+                self.invoke(event)
+        raise AssertionError(f"queue still not empty after {limit} deliveries")
+
+    def run_item(self, run_id: str) -> dict[str, Any]:
+        item = self.status.get_run_item(run_id)
+        assert item is not None, f"run {run_id} has no item"
+        return item
+
+    def final_weights(self, run_id: str) -> list[np.ndarray]:
+        from trainer.efs_layout import load_arrays
+
+        round_index = self.run_item(run_id)["round"]
+        arrays, _ = load_arrays(self.layout.weights_path(run_id, round_index))
+        return arrays
+
+
+TINY = {"model": "vgg19_bn", "width": 0.0625, "batch_size": 32, "lr": 0.05, "augment": False}
+
+
+def start_event(run_id: str = "t1", **overrides: Any) -> dict[str, Any]:
+    """A start event for a tiny, fast run (3 workers, 2 epochs x 2 rounds unless overridden)."""
+    return {
+        "start": True,
+        "run": run_id,
+        "workers": 3,
+        "epochs": 2,
+        "rounds_per_epoch": 2,
+        **TINY,
+        **overrides,
+    }
