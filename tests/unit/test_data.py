@@ -31,7 +31,7 @@ def test_dataset_maps_arrays_and_limits_samples(dataset_dir: Path) -> None:
 def test_truncated_array_is_refused(dataset_dir: Path) -> None:
     path = dataset_dir / "train_x.npy"
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(LayoutError, match="train_x.npy"):
+    with pytest.raises(LayoutError, match=r"train_x\.npy"):
         data.open_dataset(dataset_dir)
 
 

@@ -62,7 +62,7 @@ def test_combiner_counts_only_final_update_names(tmp_path: Path) -> None:
 )
 def test_damaged_array_file_is_a_layout_error(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "bad.npz").write_bytes(content)
-    with pytest.raises(LayoutError, match="bad.npz"):
+    with pytest.raises(LayoutError, match=r"bad\.npz"):
         load_arrays(tmp_path / "bad.npz")
 
 
