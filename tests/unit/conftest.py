@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from trainer_harness import Harness, write_synthetic_dataset
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from trainer_harness import write_synthetic_dataset
 
 from trainer import data
 from trainer.errors import LayoutError
+from trainer_harness import write_synthetic_dataset
 
 
 @pytest.fixture

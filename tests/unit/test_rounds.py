@@ -13,11 +13,11 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
-from trainer_harness import FakeContext, Harness, start_event
 
 from trainer import rounds
 from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError
 from trainer.protocol import parse_event
+from trainer_harness import FakeContext, Harness, start_event
 
 
 def kinds(harness: Harness) -> list[str]:
