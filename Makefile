@@ -42,20 +42,47 @@ install: $(VENV)/.installed $(DDB_DIR)/.installed ## Create .venv with pinned de
 test: install ## Run the whole test suite (unit, integration, template gate)
 	$(PY) -m pytest
 
-lint: install ## Template gate (sam validate, cfn-lint, checkov, hadolint) and ruff
-	$(PY) -m ruff check src tests bench
-	$(PY) -m ruff format --check src tests bench
+lint: install ## Template gate (sam validate, cfn-lint, checkov, hadolint, pip resolve, assertions) and ruff
+	$(PY) tools/template_gate.py
+	$(PY) -m ruff check src tests bench tools
+	$(PY) -m ruff format --check src tests bench tools
 
-validate: install ## sam validate on template.yaml
-	$(BIN)/sam validate --region $(REGION) --template template.yaml
+validate: $(VENV)/.installed ## sam validate, cfn-lint on the translated template, the gate's assertions (no AWS)
+	$(PY) tools/template_gate.py --only sam,cfnlint,asserts
 
-build: ## sam build (needs Docker for the trainer image)
-	sam build
+# Cloud targets: STACK and REGION as above; the AWS CLI and credentials for start/delete.
+SAM := $(BIN)/sam
+START_EVENT ?= events/start.json
+START_KEY ?= start/$(notdir $(START_EVENT))
+PARAMS ?=
+stack_output = aws cloudformation describe-stacks --stack-name "$(STACK)" --region "$(REGION)" --output text --query "Stacks[0].Outputs[?OutputKey=='$(1)'].OutputValue"
 
-deploy: ## sam deploy (uses samconfig.toml)
-	sam deploy
+build: $(VENV)/.installed ## sam build: the trainer image (needs Docker) and the staging zip
+	@command -v docker >/dev/null || { echo "error: docker not found; sam build builds the trainer image from src/handler/Dockerfile" >&2; exit 1; }
+	$(SAM) build
 
-preprocess: install ## CIFAR-10 -> NumPy arrays in DATA_DIR (and S3/EFS with S3_URI= STACK=)
+deploy: build ## sam deploy to STACK in REGION (samconfig.toml); PARAMS="EnableNatGateway=false NumWorkers=6"
+	$(SAM) deploy --stack-name "$(STACK)" --region "$(REGION)" $(if $(PARAMS),--parameter-overrides $(PARAMS))
+
+start: ## Upload START_EVENT (events/start.json) to s3://<bucket>/START_KEY, which starts a run
+	@command -v aws >/dev/null || { echo "error: the AWS CLI is needed (https://aws.amazon.com/cli/)" >&2; exit 1; }
+	@bucket=$$($(call stack_output,BucketName)); \
+	if [ -z "$$bucket" ] || [ "$$bucket" = None ]; then echo "error: stack $(STACK) in $(REGION) has no BucketName output; deploy it first (make deploy)" >&2; exit 1; fi; \
+	aws s3 cp "$(START_EVENT)" "s3://$$bucket/$(START_KEY)" --region "$(REGION)" && \
+	echo "started: watch with  aws logs tail /aws/lambda/$(STACK)-trainer --follow --region $(REGION)"
+
+delete: ## sam delete the stack; EFS, the status table and the bucket are retained (prints how to remove them)
+	@command -v aws >/dev/null || { echo "error: the AWS CLI is needed (https://aws.amazon.com/cli/)" >&2; exit 1; }
+	@fs=$$($(call stack_output,FileSystemId)); table=$$($(call stack_output,StatusTableName)); bucket=$$($(call stack_output,BucketName)); \
+	$(SAM) delete --stack-name "$(STACK)" --region "$(REGION)" || exit $$?; \
+	if $(call stack_output,BucketName) >/dev/null 2>&1; then echo "stack $(STACK) still exists; nothing was deleted"; exit 0; fi; \
+	echo; echo "sam delete keeps what holds data (DeletionPolicy: Retain). Remove it when you no longer need it:"; \
+	echo "  EFS file system $$fs:  aws efs delete-file-system --region $(REGION) --file-system-id $$fs"; \
+	echo "  status table $$table:  aws dynamodb delete-table --region $(REGION) --table-name $$table"; \
+	echo "  bucket $$bucket (versioned: every version must go first):"; \
+	echo "    $(PY) -c \"import boto3; b = boto3.resource('s3', region_name='$(REGION)').Bucket('$$bucket'); b.object_versions.delete(); b.delete()\""
+
+preprocess: $(VENV)/.installed ## CIFAR-10 -> NumPy arrays in DATA_DIR (and S3/EFS with S3_URI= STACK=)
 	$(BIN)/cifar10-prep $(if $(CIFAR10_ARCHIVE),--source "$(CIFAR10_ARCHIVE)") --out "$(DATA_DIR)" $(if $(FORCE),--force) $(if $(S3_URI),--s3-uri "$(S3_URI)" --stack "$(STACK)" --region "$(REGION)")
 
 demo: install ## Train on this machine with no AWS (about 10 minutes)

@@ -99,12 +99,14 @@ BAD_EVENTS = [
         "not a start object",
     ),
     ("s3-two-records", {"Records": [{}, {}]}, "exactly one record"),
-    ("s3-wrong-source", mutated("s3_put", ("Records", 0, "eventSource"), "aws:sqs"), "ObjectCreated record"),
+    ("sqs-body-not-json", {"Records": [{"eventSource": "aws:sqs", "body": "{oops"}]}, "not JSON"),
+    ("sqs-body-not-record", {"Records": [{"eventSource": "aws:sqs", "body": "{}"}]}, "destination record"),
     (
-        "failure-of-start",
-        mutated("failure_record", ("requestPayload",), {"start": True}),
-        "worker or combine event",
+        "failure-bad-payload",
+        mutated("failure_record", ("requestPayload", "workerno"), -1),
+        "workerno must be",
     ),
+    ("s3-wrong-source", mutated("s3_put", ("Records", 0, "eventSource"), "aws:sns"), "ObjectCreated record"),
 ]
 
 
@@ -120,6 +122,18 @@ def test_malformed_event_is_rejected_with_a_clear_message(event: Any, message: s
 def test_weights_path_must_stay_under_efs_root() -> None:
     with pytest.raises(InvalidEventError, match="relative to EFS_ROOT"):
         protocol.parse_event({"start": True, "workers": 1, "model": "vgg19", "weights": "../../etc/passwd"})
+
+
+def test_failure_record_inside_an_sqs_message_is_unwrapped() -> None:
+    sqs = {
+        "Records": [{"eventSource": "aws:sqs", "messageId": "m", "body": json.dumps(load("failure_record"))}]
+    }
+    assert protocol.parse_event(sqs) == protocol.parse_event(load("failure_record"))
+
+
+def test_failure_of_a_start_event_has_nothing_to_retry() -> None:
+    record = protocol.parse_event(mutated("failure_record", ("requestPayload",), load("s3_put")))
+    assert record.failed is None and record.error_message == "worker 3 ran out of memory"
 
 
 def test_s3_start_object_body_must_be_json() -> None:

@@ -28,11 +28,14 @@ VGG19_STAGES = ((64, 2), (128, 2), (256, 4), (512, 4), (512, 4))
 
 
 def build_model(config: TrainConfig, efs_root: Path) -> keras.Model:
-    """The model a run trains, compiled with its local optimizer. Seed Keras before calling for reproducibility."""
+    """The model a run trains, compiled with its local optimizer; its initial weights follow ``config.seed``."""
     if config.model == "vgg19_bn":
         model = build_vgg19_bn(NUM_CLASSES, config.image_size, config.width)
+        seed_kernels(model, config.seed)
     else:
-        model = build_vgg19(NUM_CLASSES, config.image_size, _weights_argument(config.weights, efs_root))
+        weights = _weights_argument(config.weights, efs_root)
+        model = build_vgg19(NUM_CLASSES, config.image_size, weights)
+        seed_kernels(model if weights is None else model.get_layer("predictions"), config.seed)
     optimizer = keras.optimizers.SGD(
         learning_rate=config.lr, momentum=config.momentum, weight_decay=config.weight_decay or None
     )
@@ -78,6 +81,37 @@ def build_vgg19(num_classes: int, image_size: int, weights: str | None) -> keras
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
     return keras.Model(inputs, outputs, name="vgg19")
+
+
+def seed_kernels(root: keras.Layer, seed: int) -> None:
+    """Redraw every trainable kernel under ``root`` from NumPy generators seeded by ``(seed, position)``.
+
+    Convolutions get He-normal, dense layers Glorot-uniform; biases and BatchNorm keep their constant
+    initialisation. This makes initial weights a function of the seed alone, without
+    ``keras.utils.set_random_seed``, which resets global state and makes TensorFlow retrace the next training
+    step of a model already in the process (a warm container's).
+    """
+    position = 0
+    for layer in _walk(root):
+        if not isinstance(layer, layers.Conv2D | layers.Dense) or not layer.trainable:
+            continue
+        rng = np.random.default_rng([seed, position])
+        kernel = layer.kernel
+        shape = tuple(kernel.shape)
+        fan_in = int(np.prod(shape[:-1]))
+        if isinstance(layer, layers.Conv2D):
+            values = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
+        else:
+            limit = np.sqrt(6.0 / (fan_in + shape[-1]))
+            values = rng.uniform(-limit, limit, shape)
+        kernel.assign(values.astype(kernel.dtype))
+        position += 1
+
+
+def _walk(layer: keras.Layer):
+    yield layer
+    for child in getattr(layer, "layers", ()):
+        yield from _walk(child)
 
 
 def _resize(inputs: keras.KerasTensor, image_size: int) -> keras.KerasTensor:

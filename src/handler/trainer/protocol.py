@@ -11,7 +11,8 @@ start (S3)          an ``ObjectCreated`` notification for ``start/<name>.json``;
 worker              ``{"workerno": 3, "workers": 6, "epochsdone": 7, "run": "exp1", "round": 12}``
 combine             ``{"combine": true, "workers": 6, "epochsdone": 7, "run": "exp1", "round": 12}``
 stop                ``{"stop": true, "run": "exp1"}`` - finish the current round, then state STOPPED
-failure record      what a Lambda ``OnFailure`` destination delivers for a failed worker/combine event
+failure record      what a Lambda ``OnFailure`` destination delivers for a failed event, directly or (as deployed)
+                    as the body of the one SQS message of an ``aws:sqs`` event
 ==================  ===========================================================================================
 """
 
@@ -97,9 +98,13 @@ class StopEvent:
 
 @dataclass(frozen=True)
 class FailureRecord:
-    """An ``OnFailure`` destination record: the failed event and why it failed."""
+    """An ``OnFailure`` destination record: the failed event and why it failed.
 
-    failed: WorkerEvent | CombineEvent
+    ``failed`` is None when the failed event was not a worker or combine event (a start, an S3 notification):
+    there is no round to retry, so the flow only logs it.
+    """
+
+    failed: WorkerEvent | CombineEvent | None
     error_message: str
     request_id: str | None
 
@@ -114,7 +119,7 @@ def parse_event(raw: Any) -> Event:
     if "requestPayload" in raw and "requestContext" in raw:
         return _parse_failure_record(raw)
     if "Records" in raw:
-        return _parse_s3(raw)
+        return _parse_records(raw)
     if "start" in raw:
         return parse_start(raw)
     if "combine" in raw:
@@ -188,11 +193,32 @@ def _parse_combine(raw: Mapping[str, Any]) -> CombineEvent:
     )
 
 
+def _parse_records(raw: Mapping[str, Any]) -> S3StartEvent | FailureRecord:
+    """An S3 notification (a start object) or an SQS message carrying a destination record."""
+    records = raw["Records"]
+    if not isinstance(records, list) or len(records) != 1 or not isinstance(records[0], Mapping):
+        count = len(records) if isinstance(records, list) else type(records).__name__
+        raise InvalidEventError(f"a Records event must hold exactly one record object, got {count}")
+    if records[0].get("eventSource") == "aws:sqs":
+        body = records[0].get("body")
+        try:
+            message = json.loads(body) if isinstance(body, str) else None
+        except json.JSONDecodeError as exc:
+            raise InvalidEventError(f"SQS message body is not JSON: {exc}") from exc
+        if (
+            not isinstance(message, Mapping)
+            or "requestPayload" not in message
+            or "requestContext" not in message
+        ):
+            raise InvalidEventError(
+                "SQS message body must be a Lambda destination record (requestPayload, ...)"
+            )
+        return _parse_failure_record(message)
+    return _parse_s3(raw)
+
+
 def _parse_s3(raw: Mapping[str, Any]) -> S3StartEvent:
     records = raw["Records"]
-    if not isinstance(records, list) or len(records) != 1:
-        count = len(records) if isinstance(records, list) else type(records).__name__
-        raise InvalidEventError(f"S3 event must hold exactly one record, got {count}")
     record = records[0]
     try:
         source = record["eventSource"]
@@ -217,18 +243,18 @@ def _parse_s3(raw: Mapping[str, Any]) -> S3StartEvent:
 
 def _parse_failure_record(raw: Mapping[str, Any]) -> FailureRecord:
     payload = raw["requestPayload"]
-    if not isinstance(payload, Mapping) or not ("workerno" in payload or "combine" in payload):
-        raise InvalidEventError("failure record's requestPayload must be a worker or combine event")
-    failed = _parse_combine(payload) if "combine" in payload else _parse_worker(payload)
+    context = raw["requestContext"] if isinstance(raw["requestContext"], Mapping) else {}
     response = raw.get("responsePayload")
     if isinstance(response, Mapping):
         message = str(response.get("errorMessage") or response.get("errorType") or "unknown error")
     else:
-        condition = (
-            raw["requestContext"].get("condition") if isinstance(raw["requestContext"], Mapping) else None
-        )
-        message = str(condition or "unknown error")
-    context = raw["requestContext"] if isinstance(raw["requestContext"], Mapping) else {}
+        message = str(context.get("condition") or "unknown error")
+    if isinstance(payload, Mapping) and "combine" in payload:
+        failed: WorkerEvent | CombineEvent | None = _parse_combine(payload)
+    elif isinstance(payload, Mapping) and "workerno" in payload:
+        failed = _parse_worker(payload)
+    else:
+        failed = None  # a start or S3 event: nothing to retry
     return FailureRecord(failed=failed, error_message=message[:1000], request_id=context.get("requestId"))
 
 

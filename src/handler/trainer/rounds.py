@@ -83,25 +83,40 @@ class Services:
 _models: dict[tuple[Any, ...], keras.Model] = {}
 
 
-def model_for(cfg: config.TrainConfig, efs_root: Path, fresh: bool = False) -> keras.Model:
-    """The compiled model for a configuration, built once per container (``fresh`` re-initialises it)."""
-    key = (cfg.model, cfg.width, cfg.image_size, cfg.weights, cfg.momentum, cfg.weight_decay)
+def _model_key(cfg: config.TrainConfig) -> tuple[Any, ...]:
+    return (cfg.model, cfg.width, cfg.image_size, cfg.weights, cfg.momentum, cfg.weight_decay)
+
+
+def _build(cfg: config.TrainConfig, efs_root: Path) -> keras.Model:
+    began = time.perf_counter()
+    model = models.build_model(cfg, efs_root)
+    logs.event(
+        log,
+        "model_built",
+        model=cfg.model,
+        width=cfg.width,
+        parameters=models.count_parameters(model),
+        duration_s=round(time.perf_counter() - began, 3),
+    )
+    return model
+
+
+def model_for(cfg: config.TrainConfig, efs_root: Path) -> keras.Model:
+    """The compiled model for a configuration, built once per container and reused while warm."""
+    key = _model_key(cfg)
     cold = key not in _models
-    if cold or fresh:
-        keras.utils.set_random_seed(cfg.seed)
-        began = time.perf_counter()
+    if cold:
         _models.clear()  # one model per container: memory is for vCPUs, not for a zoo
-        _models[key] = models.build_model(cfg, efs_root)
-        logs.event(
-            log,
-            "model_built",
-            model=cfg.model,
-            width=cfg.width,
-            parameters=models.count_parameters(_models[key]),
-            duration_s=round(time.perf_counter() - began, 3),
-        )
+        _models[key] = _build(cfg, efs_root)
     logs.bind_more(container="cold" if cold else "warm")
     return _models[key]
+
+
+def initial_weights(cfg: config.TrainConfig, efs_root: Path) -> list[np.ndarray]:
+    """Round-0 weights from the seed. A warm container's cached (already traced) model is left as it is."""
+    model = _build(cfg, efs_root)
+    _models.setdefault(_model_key(cfg), model)
+    return model.get_weights()
 
 
 def dataset_for(cfg: config.TrainConfig, layout: EfsLayout) -> data.Dataset:
@@ -136,10 +151,10 @@ def start_run(event: StartEvent, services: Services, default_run_id: str) -> dic
         raise InvalidEventError(f"workers {cfg.workers} exceeds the {len(dataset.train_x)} training examples")
     run = services.status.get_run(run_id)
     if run is None:
-        model = model_for(cfg, services.layout.root, fresh=True)  # validates the weights file too
+        weights = initial_weights(cfg, services.layout.root)  # validates a weights file too
         with contextlib.suppress(CoordinationConflictError):  # a concurrent duplicate won: checked below
             services.status.create_run(run_id, cfg, schedule.total_rounds)
-            _write_initial_state(run_id, cfg, model, services.layout)
+            _write_initial_state(run_id, cfg, weights, services.layout)
             logs.event(log, "run_created", total_rounds=schedule.total_rounds, config=cfg.to_dict())
         run = _require_run(run_id, services)
     if run.config != cfg:
@@ -150,14 +165,16 @@ def start_run(event: StartEvent, services: Services, default_run_id: str) -> dic
         logs.event(log, "duplicate_start_ignored", state=run.state, round=run.round_index)
         return {"status": "duplicate", "run": run_id, "state": run.state}
     if not services.layout.weights_path(run_id, 0).exists():  # a crashed first delivery: finish its work
-        _write_initial_state(run_id, cfg, model_for(cfg, services.layout.root, fresh=True), services.layout)
+        _write_initial_state(run_id, cfg, initial_weights(cfg, services.layout.root), services.layout)
     _fan_out(run, 0, services)
     return {"status": "started", "run": run_id, "workers": cfg.workers, "total_rounds": run.total_rounds}
 
 
-def _write_initial_state(run_id: str, cfg: config.TrainConfig, model: keras.Model, layout: EfsLayout) -> None:
+def _write_initial_state(
+    run_id: str, cfg: config.TrainConfig, weights: list[np.ndarray], layout: EfsLayout
+) -> None:
     write_json(layout.config_path(run_id), cfg.to_dict())
-    size = save_arrays(layout.weights_path(run_id, 0), model.get_weights(), {"round": 0})
+    size = save_arrays(layout.weights_path(run_id, 0), weights, {"round": 0})
     logs.event(log, "initial_weights_written", size_bytes=size)
 
 
@@ -490,6 +507,9 @@ def stop_run(event: StopEvent, services: Services) -> dict[str, Any]:
 def handle_failure(record: FailureRecord, services: Services) -> dict[str, Any]:
     """Re-dispatch a failed worker/combine event with the next attempt number, or fail the run."""
     failed = record.failed
+    if failed is None:
+        logs.event(log, "start_failed", level=logging.ERROR, error=record.error_message)
+        return {"status": "ignored", "reason": "a failed start is not retried"}
     logs.bind_more(run_id=failed.run_id, round=failed.round_index)
     run = services.status.get_run(failed.run_id)
     if run is None or not run.active or run.round_index != failed.round_index:

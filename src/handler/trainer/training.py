@@ -102,11 +102,11 @@ def train_steps(
             logs.event(log, "deadline_near", step=state.next_step, seconds_left=round(seconds_left(), 1))
             return False
         step = state.next_step
+        began = time.perf_counter()  # the step's time includes reading and augmenting its batch
         batch = indices[step * config.batch_size : (step + 1) * config.batch_size]
         images, labels = data.gather(dataset.train_x, dataset.train_y, batch)
         if config.augment:
             images = data.augment(images, np.random.default_rng([*augment_seed, step]))
-        began = time.perf_counter()
         loss = model.train_on_batch(images.astype(np.float32), labels, return_dict=True)["loss"]
         elapsed = time.perf_counter() - began
         timer.add(elapsed)

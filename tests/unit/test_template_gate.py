@@ -1,0 +1,251 @@
+"""The template gate passes on template.yaml and fails, with the expected line, on broken copies of it.
+
+Each broken copy changes one piece of the real template's text (so CloudFormation tags survive) and runs
+only the gate step that should catch it: the structural assertions take about a second, the full gate
+(sam, cfn-lint, checkov, hadolint, pip) about 15 s and runs once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = REPO_ROOT / "template.yaml"
+
+
+def _load_gate():
+    spec = importlib.util.spec_from_file_location("template_gate", REPO_ROOT / "tools" / "template_gate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["template_gate"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+template_gate = _load_gate()
+
+
+def make_project(tmp_path: Path, template_text: str) -> Path:
+    """A project directory holding ``template_text`` whose relative paths (src/...) reach the real sources."""
+    (tmp_path / "src").symlink_to(REPO_ROOT / "src", target_is_directory=True)
+    path = tmp_path / "template.yaml"
+    path.write_text(template_text)
+    return path
+
+
+def broken_copy(tmp_path: Path, old: str, new: str, count: int = 1) -> Path:
+    text = TEMPLATE.read_text()
+    found = text.count(old)
+    assert found == count, f"expected {count} occurrence(s) of {old!r} in template.yaml, found {found}"
+    return make_project(tmp_path, text.replace(old, new))
+
+
+def run_gate(capsys, template: Path, *args: str) -> tuple[int, str]:
+    status = template_gate.main(["--template", str(template), *args])
+    captured = capsys.readouterr()
+    return status, captured.out + captured.err
+
+
+def test_real_template_passes_the_whole_gate(capsys):
+    status, output = run_gate(capsys, TEMPLATE)
+
+    assert status == 0, output
+    assert "template gate passed: sam, cfnlint, checkov, hadolint, pip, asserts" in output
+
+
+BROKEN_ASSERTIONS = [
+    pytest.param(
+        "    Timeout: 900\n",
+        "    Timeout: 901\n",
+        "TrainerFunction: Timeout is 901; expected 1 to 900",
+        id="timeout-901",
+    ),
+    pytest.param(
+        "      MemorySize: 2048\n",
+        "      MemorySize: 20000\n",
+        "StagingFunction: MemorySize is 20000; expected 128 to 10240",
+        id="memory-20000",
+    ),
+    pytest.param(
+        "    Default: 10240\n    MinValue: 1024\n    MaxValue: 10240\n",
+        "    Default: 10240\n    MinValue: 1024\n    MaxValue: 20000\n",
+        "TrainerFunction: MemorySize (parameter MemorySize MaxValue) is 20000; expected 128 to 10240",
+        id="memory-parameter-max-20000",
+    ),
+    pytest.param(
+        "        LocalMountPath: /mnt/efs\n",
+        "        LocalMountPath: /efs\n",
+        "TrainerFunction: LocalMountPath '/efs' must be /mnt/<name>",
+        id="mount-path-outside-mnt",
+    ),
+    pytest.param(
+        "    DependsOn: [MountTargetA, MountTargetB]\n    Metadata:\n      DockerContext",
+        "    DependsOn: [MountTargetA]\n    Metadata:\n      DockerContext",
+        "TrainerFunction: DependsOn lacks mount target(s) ['MountTargetB']",
+        id="mount-target-missing-from-depends-on",
+    ),
+    pytest.param(
+        "          ToPort: 2049\n          SourceSecurityGroupId: !Ref FunctionSecurityGroup\n",
+        "          ToPort: 2049\n          CidrIp: 0.0.0.0/0\n",
+        "EfsSecurityGroup.SecurityGroupIngress[0]: NFS (port 2049) is open to '0.0.0.0/0'",
+        id="nfs-open-to-the-world",
+    ),
+    pytest.param(
+        "        MaximumRetryAttempts: 0\n",
+        "        MaximumRetryAttempts: 5\n",
+        "TrainerFunctionEventInvokeConfig: MaximumRetryAttempts is 5; expected 0 to 2",
+        id="retry-attempts-5",
+    ),
+    pytest.param(
+        "          STATUS_TABLE: !Ref StatusTable\n",
+        "",
+        "TrainerFunction: environment variable STATUS_TABLE is not set",
+        id="status-table-env-missing",
+    ),
+    pytest.param(
+        "          KeyType: HASH\n        - AttributeName: sk\n          KeyType: RANGE\n",
+        "          KeyType: RANGE\n        - AttributeName: sk\n          KeyType: HASH\n",
+        "StatusTable: KeySchema is (('pk', 'RANGE'), ('sk', 'HASH')); trainer.config.TABLE_KEY_SCHEMA is",
+        id="key-schema-swapped",
+    ),
+    pytest.param(
+        "              Action: lambda:InvokeFunction\n",
+        "              Action: lambda:*\n",
+        "statement InvokeItself: wildcard action 'lambda:*'",
+        id="wildcard-action",
+    ),
+    pytest.param(
+        "      EventSourceArn: !GetAtt FailureQueue.Arn\n      BatchSize: 1\n      Enabled: true\n",
+        "      EventSourceArn: !GetAtt FailureQueue.Arn\n      BatchSize: 1\n      Enabled: false\n",
+        "TrainerFunction: OnFailure destination",
+        id="failure-records-not-consumed",
+    ),
+    pytest.param(
+        "                    Value: start/\n",
+        "                    Value: begin/\n",
+        "TrainerFunction: no S3 notification for {'prefix': 'start/', 'suffix': '.json'}",
+        id="start-prefix-differs-from-protocol",
+    ),
+    pytest.param(
+        "    DeletionPolicy: Retain\n    UpdateReplacePolicy: Retain\n    Properties:\n      Encrypted: true\n",
+        "    Properties:\n      Encrypted: true\n",
+        "FileSystem: DeletionPolicy is None; expected Retain",
+        id="efs-not-retained",
+    ),
+    pytest.param(
+        "    ConstraintDescription: an integer from 1 to 256 (trainer.protocol.MAX_WORKERS).\n",
+        "",
+        "Parameters.NumWorkers: missing ['ConstraintDescription']",
+        id="parameter-without-constraint-description",
+    ),
+    pytest.param(
+        "            comment: Access logging needs a second bucket; CloudTrail data events cover audits where required.\n",
+        "",
+        "DatasetBucket: checkov skip {'id': 'CKV_AWS_18'} has no comment",
+        id="checkov-skip-without-reason",
+    ),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), BROKEN_ASSERTIONS)
+def test_broken_copy_fails_the_assertions(tmp_path, capsys, old, new, expected):
+    template = broken_copy(tmp_path, old, new)
+
+    status, output = run_gate(capsys, template, "--only", "asserts")
+
+    assert status == 1
+    assert any(line.startswith("FAIL asserts: ") and expected in line for line in output.splitlines()), output
+
+
+def test_the_copy_helper_keeps_a_passing_template_passing(tmp_path, capsys):
+    template = make_project(tmp_path, TEMPLATE.read_text())
+
+    status, output = run_gate(capsys, template, "--only", "asserts")
+
+    assert status == 0, output
+
+
+def test_bucket_named_in_the_trainer_policies_is_a_cycle_cfn_lint_catches(tmp_path, capsys):
+    # The bucket's notification depends on the function; naming the bucket in the function's own policies
+    # makes the role depend on the bucket: bucket -> function -> role -> bucket.
+    template = broken_copy(
+        tmp_path,
+        "            - Sid: InvokeItself\n",
+        "            - Sid: ReadStart\n              Effect: Allow\n              Action: s3:GetObject\n"
+        '              Resource: !Sub "${DatasetBucket.Arn}/start/*"\n            - Sid: InvokeItself\n',
+    )
+
+    status, output = run_gate(capsys, template, "--only", "cfnlint")
+
+    assert status == 1
+    assert "FAIL cfnlint: E3004" in output, output
+    assert "Circular Dependencies" in output
+
+
+def test_invalid_sam_property_fails_sam_validate(tmp_path, capsys):
+    template = broken_copy(tmp_path, "            Type: SQS\n", "            Type: Kinesis\n")
+
+    status, output = run_gate(capsys, template, "--only", "sam")
+
+    assert status == 1
+    assert "FAIL sam: sam validate:" in output, output
+    assert "Kinesis" in output
+
+
+def test_unencrypted_table_fails_checkov(tmp_path, capsys):
+    template = broken_copy(
+        tmp_path,
+        "      PointInTimeRecoverySpecification:\n        PointInTimeRecoveryEnabled: true\n",
+        "",
+    )
+
+    status, output = run_gate(capsys, template, "--only", "checkov")
+
+    assert status == 1
+    assert "FAIL checkov: CKV_AWS_28 AWS::DynamoDB::Table.StatusTable (template)" in output, output
+
+
+def test_broken_dockerfile_fails_hadolint_and_the_image_contract(tmp_path, capsys):
+    handler = tmp_path / "src" / "handler"
+    handler.mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "src" / "handler" / "requirements.txt", handler)
+    (tmp_path / "src" / "prep").mkdir()
+    (handler / "Dockerfile").write_text(
+        "FROM public.ecr.aws/lambda/python:3.9\n"
+        "COPY requirements.txt ./\n"
+        "RUN pip install -r requirements.txt\n"
+        "COPY app.py trainer/ ./\n"
+        'CMD ["main.handler"]\n'
+    )
+    template = tmp_path / "template.yaml"
+    template.write_text(TEMPLATE.read_text())
+
+    status, output = run_gate(capsys, template, "--only", "hadolint,asserts")
+
+    assert status == 1
+    assert "FAIL hadolint:" in output and "DL3042" in output, output  # pip install without --no-cache-dir
+    assert "is not public.ecr.aws/lambda/python:3.12 or :3.13" in output
+    assert "CMD is ['main.handler']" in output
+    assert "does not set ENV TF_ENABLE_ONEDNN_OPTS=1" in output
+
+
+def test_unpinned_requirement_fails_the_pip_step_before_resolving(tmp_path, capsys):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("numpy==2.4.6\nkeras>=3\n")
+
+    pins, loose = template_gate.read_pins(requirements)
+
+    assert pins == {"numpy": "2.4.6"}
+    assert loose == ["keras>=3"]
+
+
+def test_unknown_step_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        template_gate.main(["--only", "docker"])
+
+    assert excinfo.value.code == 2
+    assert "unknown step(s) ['docker']" in capsys.readouterr().err
