@@ -91,8 +91,11 @@ demo: install ## Train on this machine with no AWS (about 10 minutes)
 local: install ## lambdatrain local with ARGS="..."
 	$(BIN)/lambdatrain local $(ARGS)
 
-bench: install ## Benchmarks (slow; results go to bench/RESULTS.md by hand)
-	$(PY) -m bench --help
+bench: install ## Run the benchmarks (slow, minutes; record results in bench/RESULTS.md)
+	$(PY) bench/prep_bench.py --source "$(or $(CIFAR10_ARCHIVE),../shared/cifar10/cifar-10-python.tar.xz)"
+	$(PY) bench/trainer_bench.py throughput --width 1.0 --batch-size 128 --steps 5 --repeats 3
+	$(PY) bench/trainer_bench.py overhead --width 1.0 --batch-size 128 --steps 4
+	$(PY) bench/trainer_bench.py memory --width 1.0 --batch-size 128 --steps 3
 
 test-integration: install ## Tests against a deployed stack (needs AWS_SAM_STACK_NAME)
 	@test -n "$$AWS_SAM_STACK_NAME" || { echo "error: set AWS_SAM_STACK_NAME to the deployed stack's name" >&2; exit 1; }

@@ -442,6 +442,8 @@ def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
     if new_state is None:
         return {"status": "ignored", "reason": "round committed by another combine"}
     logs.event(log, "round_combined", state=new_state, epochsdone=epochs_done, **metrics, **phases)
+    if new_state != RUNNING:
+        logs.event(log, "run_finished", state=new_state, rounds=next_round, epochsdone=epochs_done, **summary)
     _clean_up(run.run_id, event.round_index, layout)
     if new_state == RUNNING:
         _fan_out(dataclasses.replace(run, round_index=next_round), next_round, services)
