@@ -31,7 +31,7 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
             case protocol.StartEvent():
                 return rounds.start_run(parsed, services, default_run_id=f"run-{request_id[:8]}")
             case protocol.S3StartEvent():
-                return rounds.start_from_s3(parsed, services, request_id)
+                return rounds.start_from_s3(parsed, services)
             case protocol.WorkerEvent():
                 return rounds.run_worker(parsed, services, context)
             case protocol.CombineEvent():

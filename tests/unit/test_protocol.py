@@ -59,9 +59,19 @@ def test_wire_format_round_trips() -> None:
     assert protocol.parse_event(combine.to_wire()) == combine
 
 
-def test_s3_key_is_url_decoded() -> None:
-    event = mutated("s3_put", ("Records", 0, "s3", "object", "key"), "start/my+run%2D1.json")
-    assert protocol.parse_event(event).key == "start/my run-1.json"
+def test_s3_key_is_url_decoded_and_names_the_run() -> None:
+    with pytest.raises(InvalidEventError, match="run id derived from the S3 key"):
+        protocol.parse_event(mutated("s3_put", ("Records", 0, "s3", "object", "key"), "start/a+b.json"))
+    nested = protocol.parse_event(
+        mutated("s3_put", ("Records", 0, "s3", "object", "key"), "start/team/run%2D1.json")
+    )
+    assert nested.key == "start/team/run-1.json" and nested.run_id == "team-run-1"
+
+
+def test_resume_event_takes_no_configuration() -> None:
+    assert protocol.parse_event({"start": True, "run": "r", "resume": True}).resume
+    with pytest.raises(InvalidEventError, match=r"remove \['epochs'\]"):
+        protocol.parse_event({"start": True, "run": "r", "resume": True, "epochs": 3})
 
 
 BAD_EVENTS = [

@@ -164,10 +164,24 @@ def test_stale_and_future_worker_events_are_ignored(harness: Harness) -> None:
     assert harness.invoke({**future, "round": 0})["status"] == "ignored"
 
 
-def test_combine_without_all_updates_fails_and_changes_nothing(harness: Harness) -> None:
+def test_stray_combine_before_every_worker_registered_is_ignored(harness: Harness) -> None:
+    harness.invoke(start_event(max_attempts=1))
+    combine = {"combine": True, "workers": 3, "epochsdone": 0, "run": "t1", "round": 0}
+    assert harness.invoke(combine)["status"] == "ignored"
+    assert harness.run_item("t1")["round"] == 0 and harness.run_item("t1")["state"] == "RUNNING"
+    assert not harness.layout.weights_path("t1", 1).exists()
+    harness.drain()
+    assert harness.run_item("t1")["state"] == "SUCCEEDED"
+
+
+def test_combine_fails_loudly_when_registered_updates_are_missing(harness: Harness) -> None:
     harness.invoke(start_event())
-    with pytest.raises(LayoutError, match="0 of 3 update files"):
-        harness.invoke({"combine": True, "workers": 3, "epochsdone": 0, "run": "t1", "round": 0})
+    for _ in range(3):
+        harness.invoke(harness.invoker.queue.popleft())
+    combine = harness.invoker.queue.popleft()
+    harness.layout.update_path("t1", 0, 1).unlink()
+    with pytest.raises(LayoutError, match=r"\['worker-0001.npz'\] are missing"):
+        harness.invoke(combine)
     assert harness.run_item("t1")["round"] == 0
 
 

@@ -12,9 +12,14 @@ Run item ``pk="RUN#<run>"``, ``sk="RUN"``
     ``reason``         why a run FAILED; ``final_model`` where ``final.keras`` is; latest ``test_accuracy``/``test_loss``
 Round item ``pk="RUN#<run>"``, ``sk="ROUND#000012"`` (one Query lists a run's rounds in order)
     ``done``                number set of the workers whose update is written (``ADD`` is idempotent)
-    ``claimed_generation``  set once per generation by the worker that won the combine claim
-    ``completed_at``, ``epochsdone``, ``train_loss``, ``test_loss``, ``test_accuracy``, ``duration_s`` (map),
-    ``bytes_read``, ``bytes_written``   written by the combine
+    ``claimed_generation``, ``claimed_by``, ``claimed_attempt``   the combine claim: won once per generation,
+                            re-won only by the same worker on a later attempt (its crash was retried)
+    ``epochsdone``, ``train_loss``, ``test_loss``, ``test_accuracy``, ``duration_s`` (map), ``bytes_read``,
+    ``bytes_written``       the combine's metrics (an idempotent overwrite, written before the commit)
+    ``completed_at``        set once the round is committed; later registrations are refused
+
+State transitions (run creation, the round advance, stop, failure, resume, registration, the claim) are
+conditional writes; metrics are plain overwrites of deterministic values.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 
+from trainer import logs
 from trainer.config import TrainConfig
 from trainer.errors import CoordinationConflictError
 
@@ -180,7 +186,7 @@ class StatusTable:
                 ExpressionAttributeValues={":r": round_index},
             )
         except CoordinationConflictError:
-            log.info("fan_out_already_recorded", extra={"fields": {"round": round_index}})
+            logs.event(log, "fan_out_already_recorded", round=round_index)
 
     def request_stop(self, run_id: str) -> bool:
         """Flag a RUNNING run to stop after its current round. False if it was not running."""
@@ -259,8 +265,20 @@ class StatusTable:
             return False
         return True
 
+    def get_round(self, run_id: str, round_index: int) -> dict[str, Any] | None:
+        item = self.table.get_item(Key=round_key(run_id, round_index), ConsistentRead=True).get("Item")
+        return _plain(item) if item else None
+
+    def mark_round_completed(self, run_id: str, round_index: int) -> None:
+        """After the commit: late registrations for this round are refused from now on."""
+        self.table.update_item(
+            Key=round_key(run_id, round_index),
+            UpdateExpression="SET completed_at = if_not_exists(completed_at, :now)",
+            ExpressionAttributeValues={":now": now_iso()},
+        )
+
     def record_round(self, run_id: str, round_index: int, metrics: dict[str, Any]) -> None:
-        """Write a combined round's metrics (a repeat writes the same values)."""
+        """Write a round's metrics (deterministic values: a duplicate combine writes the same ones)."""
         values = {f":m{index}": value for index, value in enumerate(metrics.values())}
         names = {f"#m{index}": name for index, name in enumerate(metrics)}
         self.table.update_item(

@@ -38,6 +38,7 @@ class StartEvent:
     config: TrainConfig
     run_id: str | None = None  # generated when absent
     resume: bool = False
+    attempt: int = 1  # > 1 when a failed start is re-dispatched from its failure record
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ class S3StartEvent:
 
     bucket: str
     key: str
+    attempt: int = 1
+
+    @property
+    def run_id(self) -> str:
+        """The default run id: the key between ``start/`` and ``.json``, with ``/`` as ``-``."""
+        return self.key[len(START_PREFIX) : -len(START_SUFFIX)].replace("/", "-")
 
 
 @dataclass(frozen=True)
@@ -100,13 +107,22 @@ class StopEvent:
 class FailureRecord:
     """An ``OnFailure`` destination record: the failed event and why it failed.
 
-    ``failed`` is None when the failed event was not a worker or combine event (a start, an S3 notification):
-    there is no round to retry, so the flow only logs it.
+    ``failed`` is the failed worker or combine event; for a failed start (direct or S3) it is None and
+    ``start_payload`` holds the raw event, which is re-dispatched as it is with a higher ``attempt``.
     """
 
     failed: WorkerEvent | CombineEvent | None
     error_message: str
+    error_type: str | None
     request_id: str | None
+    start_payload: dict[str, Any] | None = None
+
+    @property
+    def attempt(self) -> int:
+        if self.failed is not None:
+            return self.failed.attempt
+        attempt = (self.start_payload or {}).get("attempt", 1)
+        return attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else 1
 
 
 Event = StartEvent | S3StartEvent | WorkerEvent | CombineEvent | StopEvent | FailureRecord
@@ -149,9 +165,17 @@ def parse_start(raw: Any) -> StartEvent:
     resume = body.pop("resume", False)
     if not isinstance(resume, bool):
         raise InvalidEventError(f"resume must be a boolean, got {resume!r}")
-    if "workers" not in body and not resume:
+    attempt = _int(body, "attempt", 1, 100, default=1)
+    body.pop("attempt", None)
+    if resume:
+        if body:
+            raise InvalidEventError(
+                f"a resume event continues the run's own configuration; remove {sorted(body)}"
+            )
+        return StartEvent(config=TrainConfig(), run_id=run_id, resume=True, attempt=attempt)
+    if "workers" not in body:
         raise InvalidEventError("start event is missing 'workers' (an integer from 1 to 256)")
-    return StartEvent(config=TrainConfig.from_mapping(body), run_id=run_id, resume=resume)
+    return StartEvent(config=TrainConfig.from_mapping(body), run_id=run_id, attempt=attempt)
 
 
 def parse_start_object(body: bytes, key: str) -> StartEvent:
@@ -199,6 +223,9 @@ def _parse_records(raw: Mapping[str, Any]) -> S3StartEvent | FailureRecord:
     if not isinstance(records, list) or len(records) != 1 or not isinstance(records[0], Mapping):
         count = len(records) if isinstance(records, list) else type(records).__name__
         raise InvalidEventError(f"a Records event must hold exactly one record object, got {count}")
+    unknown = sorted(set(raw) - {"Records", "attempt"})
+    if unknown:
+        raise InvalidEventError(f"a Records event has unknown key(s) {unknown}")
     if records[0].get("eventSource") == "aws:sqs":
         body = records[0].get("body")
         try:
@@ -218,6 +245,7 @@ def _parse_records(raw: Mapping[str, Any]) -> S3StartEvent | FailureRecord:
 
 
 def _parse_s3(raw: Mapping[str, Any]) -> S3StartEvent:
+    attempt = _int(raw, "attempt", 1, 100, default=1)
     records = raw["Records"]
     record = records[0]
     try:
@@ -238,24 +266,36 @@ def _parse_s3(raw: Mapping[str, Any]) -> S3StartEvent:
         raise InvalidEventError(
             f"S3 key {key!r} is not a start object; expected {START_PREFIX}<name>{START_SUFFIX}"
         )
-    return S3StartEvent(bucket=bucket, key=key)
+    event = S3StartEvent(bucket=bucket, key=key, attempt=attempt)
+    check_name("run id derived from the S3 key", event.run_id)
+    return event
 
 
 def _parse_failure_record(raw: Mapping[str, Any]) -> FailureRecord:
     payload = raw["requestPayload"]
     context = raw["requestContext"] if isinstance(raw["requestContext"], Mapping) else {}
     response = raw.get("responsePayload")
+    error_type = None
     if isinstance(response, Mapping):
         message = str(response.get("errorMessage") or response.get("errorType") or "unknown error")
+        error_type = str(response["errorType"]) if response.get("errorType") else None
     else:
         message = str(context.get("condition") or "unknown error")
+    failed: WorkerEvent | CombineEvent | None = None
+    start_payload = None
     if isinstance(payload, Mapping) and "combine" in payload:
-        failed: WorkerEvent | CombineEvent | None = _parse_combine(payload)
+        failed = _parse_combine(payload)
     elif isinstance(payload, Mapping) and "workerno" in payload:
         failed = _parse_worker(payload)
-    else:
-        failed = None  # a start or S3 event: nothing to retry
-    return FailureRecord(failed=failed, error_message=message[:1000], request_id=context.get("requestId"))
+    elif isinstance(payload, Mapping) and ("start" in payload or "Records" in payload):
+        start_payload = dict(payload)
+    return FailureRecord(
+        failed=failed,
+        error_message=message[:1000],
+        error_type=error_type,
+        request_id=context.get("requestId"),
+        start_payload=start_payload,
+    )
 
 
 def _expect_keys(raw: Mapping[str, Any], required: set[str], optional: set[str]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import keras
 import numpy as np
+from botocore.exceptions import ClientError
 
 from trainer import aggregation, config, data, logs, models, training
 from trainer.coordination import (
@@ -30,7 +31,6 @@ from trainer.coordination import (
     SUCCEEDED,
     RunStatus,
     StatusTable,
-    now_iso,
 )
 from trainer.efs_layout import TMP_PREFIX, EfsLayout, file_size, load_arrays, save_arrays, write_json
 from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError, TrainingError
@@ -115,7 +115,9 @@ def model_for(cfg: config.TrainConfig, efs_root: Path) -> keras.Model:
 def initial_weights(cfg: config.TrainConfig, efs_root: Path) -> list[np.ndarray]:
     """Round-0 weights from the seed. A warm container's cached (already traced) model is left as it is."""
     model = _build(cfg, efs_root)
-    _models.setdefault(_model_key(cfg), model)
+    if _model_key(cfg) not in _models:  # keep a warm container's traced model; never hold two
+        _models.clear()
+        _models[_model_key(cfg)] = model
     return model.get_weights()
 
 
@@ -126,17 +128,20 @@ def dataset_for(cfg: config.TrainConfig, layout: EfsLayout) -> data.Dataset:
 # --- start ----------------------------------------------------------------------------------------------
 
 
-def start_from_s3(event: S3StartEvent, services: Services, request_id: str) -> dict[str, Any]:
+def start_from_s3(event: S3StartEvent, services: Services) -> dict[str, Any]:
     """Read the start object and start it; the run id defaults to the object's name, so a redelivery is a no-op."""
     try:
         response = services.s3_client().get_object(Bucket=event.bucket, Key=event.key)
-    except Exception as exc:  # botocore raises many kinds; all mean the object cannot be read
-        raise InvalidEventError(f"cannot read start object s3://{event.bucket}/{event.key}: {exc}") from exc
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "NoSuchBucket", "AccessDenied"):
+            raise InvalidEventError(
+                f"cannot read start object s3://{event.bucket}/{event.key}: {exc}"
+            ) from exc
+        raise TrainingError(f"reading start object s3://{event.bucket}/{event.key} failed: {exc}") from exc
     if int(response.get("ContentLength", 0)) > MAX_START_OBJECT_BYTES:
         raise InvalidEventError(f"start object {event.key!r} is larger than {MAX_START_OBJECT_BYTES} bytes")
     start = parse_start_object(response["Body"].read(MAX_START_OBJECT_BYTES + 1), event.key)
-    default_id = Path(event.key).stem
-    return start_run(start, services, default_run_id=default_id)
+    return start_run(start, services, default_run_id=event.run_id)
 
 
 def start_run(event: StartEvent, services: Services, default_run_id: str) -> dict[str, Any]:
@@ -149,7 +154,17 @@ def start_run(event: StartEvent, services: Services, default_run_id: str) -> dic
     schedule = Schedule(cfg, len(dataset.train_x))
     if schedule.shard_size < 1:
         raise InvalidEventError(f"workers {cfg.workers} exceeds the {len(dataset.train_x)} training examples")
+    if schedule.rounds_per_epoch > schedule.shard_size:
+        raise InvalidEventError(
+            f"rounds_per_epoch {schedule.rounds_per_epoch} exceeds the {schedule.shard_size} examples per worker "
+            "shard; some workers would have nothing to train on"
+        )
     run = services.status.get_run(run_id)
+    if run is None and services.layout.run_dir(run_id).exists():
+        raise LayoutError(
+            f"{services.layout.run_dir(run_id)} already exists but the status table has no run {run_id!r}; "
+            "delete the folder or choose another run id"
+        )
     if run is None:
         weights = initial_weights(cfg, services.layout.root)  # validates a weights file too
         with contextlib.suppress(CoordinationConflictError):  # a concurrent duplicate won: checked below
@@ -242,18 +257,16 @@ def _train_share(
     training.reset_optimizer(model, schedule.learning_rate(event.round_index))
     state = training.LocalState()
     partial_path = layout.partial_path(run.run_id, event.round_index, event.worker_index)
-    if event.resume_step:
+    if partial_path.exists():
+        # A chained continuation, or a retry after a crash: every saved state is a valid point to go on from,
+        # because each step's batch and augmentation depend only on the step index.
         arrays, meta = load_arrays(partial_path)
         state = training.LocalState.from_meta(meta)
-        if state.next_step != event.resume_step:
-            logs.event(
-                log, "stale_continuation_ignored", saved_step=state.next_step, resume_step=event.resume_step
-            )
-            return {"status": "ignored", "reason": "stale continuation"}
         count = len(model.weights)
         model.set_weights(arrays[:count])
         training.restore_optimizer_state(model, arrays[count:])
         state.invocations += 1
+        logs.event(log, "continued_from_saved_state", step=state.next_step, resume_step=event.resume_step)
     indices = schedule.worker_indices(event.round_index, event.worker_index)
     load_s = time.perf_counter() - began
     first_step = state.next_step
@@ -350,16 +363,23 @@ def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
     run = _require_run(event.run_id, services)
     if not run.active or run.round_index != event.round_index:
         if run.active and run.round_index == event.round_index + 1 and run.fanned_out < run.round_index:
-            _fan_out(
-                run, run.round_index, services
-            )  # an earlier combine committed but died before fanning out
+            # This round was committed, but the combine that did it died before fanning out: finish its work.
+            _fan_out(run, run.round_index, services)
+            _clean_up(run.run_id, event.round_index, services.layout)
             return {"status": "fanned_out", "round": run.round_index}
         logs.event(log, "stale_combine_ignored", run_round=run.round_index, state=run.state)
         return {"status": "ignored", "reason": f"run is {run.state} at round {run.round_index}"}
     cfg, layout = run.config, services.layout
-    present = layout.finished_updates(run.run_id, event.round_index)
-    if len(present) != cfg.workers:
-        raise LayoutError(f"round {event.round_index}: {len(present)} of {cfg.workers} update files present")
+    registered = (services.status.get_round(run.run_id, event.round_index) or {}).get("done", [])
+    if len(registered) < cfg.workers:
+        logs.event(log, "combine_not_ready", registered=len(registered), workers=cfg.workers)
+        return {"status": "ignored", "reason": f"{len(registered)} of {cfg.workers} workers registered"}
+    update_paths = [
+        layout.update_path(run.run_id, event.round_index, worker) for worker in range(cfg.workers)
+    ]
+    missing = [path.name for path in update_paths if not path.exists()]
+    if missing:
+        raise LayoutError(f"round {event.round_index}: every worker registered but {missing} are missing")
 
     phases: dict[str, float] = {}
     began = time.perf_counter()
@@ -370,15 +390,14 @@ def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
     global_weights = _load_weights(weights_path, model)
     updates, worker_meta = [], []
     bytes_read = file_size(weights_path)
-    for worker in present:
-        path = layout.update_path(run.run_id, event.round_index, worker)
+    for path in update_paths:
         arrays, meta = load_arrays(path)
         bytes_read += file_size(path)
         updates.append(aggregation.WorkerUpdate(arrays, int(meta["samples"]), float(meta["mean_loss"])))
         worker_meta.append(meta)
     momentum = None
-    if cfg.outer_momentum > 0 and layout.outer_state_path(run.run_id, event.round_index).exists():
-        momentum, _ = load_arrays(layout.outer_state_path(run.run_id, event.round_index))
+    if cfg.outer_momentum > 0 and event.round_index > 0:
+        momentum, _ = load_arrays(layout.outer_state_path(run.run_id, event.round_index))  # must exist
     phases["load"] = time.perf_counter() - began
 
     began = time.perf_counter()
@@ -406,6 +425,8 @@ def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
         )
         phases["eval"] = time.perf_counter() - began
 
+    # Everything below is deterministic, so a duplicate combine running at the same time writes the same bytes;
+    # its inputs (this round's weights, updates and momentum) stay until this round's commit is two rounds old.
     began = time.perf_counter()
     next_round = event.round_index + 1
     bytes_written = save_arrays(
@@ -432,7 +453,6 @@ def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
             "duration_s": {name: round(seconds, 4) for name, seconds in phases.items()},
             "bytes_read": bytes_read,
             "bytes_written": bytes_written,
-            "completed_at": now_iso(),
         },
     )
     summary = {key: value for key, value in metrics.items() if key.startswith("test_")}
@@ -441,12 +461,13 @@ def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
     new_state = _commit_round(run, next_round, epochs_done, last, summary, services)
     if new_state is None:
         return {"status": "ignored", "reason": "round committed by another combine"}
+    services.status.mark_round_completed(run.run_id, event.round_index)
     logs.event(log, "round_combined", state=new_state, epochsdone=epochs_done, **metrics, **phases)
-    if new_state != RUNNING:
-        logs.event(log, "run_finished", state=new_state, rounds=next_round, epochsdone=epochs_done, **summary)
-    _clean_up(run.run_id, event.round_index, layout)
     if new_state == RUNNING:
         _fan_out(dataclasses.replace(run, round_index=next_round), next_round, services)
+    else:
+        logs.event(log, "run_finished", state=new_state, rounds=next_round, epochsdone=epochs_done, **summary)
+    _clean_up(run.run_id, event.round_index, layout)
     return {"status": "combined", "round": event.round_index, "state": new_state, **metrics}
 
 
@@ -487,12 +508,17 @@ def _export_model(model: keras.Model, path: Path) -> int:
 
 
 def _clean_up(run_id: str, round_index: int, layout: EfsLayout) -> None:
-    """Delete a combined round's updates and continuations, and weights older than the previous round."""
-    shutil.rmtree(layout.updates_dir(run_id, round_index), ignore_errors=True)
-    shutil.rmtree(layout.partial_path(run_id, round_index, 0).parent, ignore_errors=True)
-    for stale in (layout.weights_path(run_id, round_index - 1), layout.outer_state_path(run_id, round_index)):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
+    """Best effort, after a commit: delete the round's updates and saved states, and inputs two rounds old."""
+    try:
+        shutil.rmtree(layout.updates_dir(run_id, round_index), ignore_errors=True)
+        shutil.rmtree(layout.partial_path(run_id, round_index, 0).parent, ignore_errors=True)
+        for stale in (
+            layout.weights_path(run_id, round_index - 1),
+            layout.outer_state_path(run_id, round_index - 1),
+        ):
+            stale.unlink(missing_ok=True)
+    except OSError as exc:  # leftovers cost disk space, not correctness
+        logs.event(log, "clean_up_failed", level=logging.WARNING, error=str(exc))
 
 
 # --- stop and failure -----------------------------------------------------------------------------------
@@ -506,15 +532,30 @@ def stop_run(event: StopEvent, services: Services) -> dict[str, Any]:
     return {"status": "stop_requested" if requested else "ignored", "run": event.run_id}
 
 
+# Errors that a retry cannot fix: the event itself is wrong, or another invocation already won.
+NOT_RETRIED = ("InvalidEventError", "CoordinationConflictError")
+START_MAX_ATTEMPTS = 3
+
+
 def handle_failure(record: FailureRecord, services: Services) -> dict[str, Any]:
-    """Re-dispatch a failed worker/combine event with the next attempt number, or fail the run."""
+    """Re-dispatch a failed event with the next attempt number, or fail the run once attempts are used up."""
+    if record.error_type in NOT_RETRIED:
+        logs.event(log, "failed_event_not_retried", level=logging.ERROR, error=record.error_message)
+        return {"status": "ignored", "reason": f"{record.error_type} is not retried"}
     failed = record.failed
     if failed is None:
-        logs.event(log, "start_failed", level=logging.ERROR, error=record.error_message)
-        return {"status": "ignored", "reason": "a failed start is not retried"}
+        return _retry_start(record, services)
     logs.bind_more(run_id=failed.run_id, round=failed.round_index)
     run = services.status.get_run(failed.run_id)
-    if run is None or not run.active or run.round_index != failed.round_index:
+    current = run is not None and run.active and run.round_index == failed.round_index
+    unfinished_fan_out = (
+        run is not None
+        and run.active
+        and isinstance(failed, CombineEvent)
+        and run.round_index == failed.round_index + 1
+        and run.fanned_out < run.round_index
+    )
+    if run is None or not (current or unfinished_fan_out):
         logs.event(log, "stale_failure_ignored", error=record.error_message)
         return {"status": "ignored"}
     kind = "combine" if isinstance(failed, CombineEvent) else f"worker {failed.worker_index}"
@@ -527,8 +568,21 @@ def handle_failure(record: FailureRecord, services: Services) -> dict[str, Any]:
         return {"status": "redispatched", "attempt": retry.attempt}
     reason = f"{kind} of round {failed.round_index} failed {failed.attempt} times; last error: {record.error_message}"
     services.status.fail_run(failed.run_id, reason)
-    logs.event(log, "run_failed", level=logging.ERROR, reason=reason)
+    logs.event(log, "run_failed", level=logging.ERROR, reason=reason, failed_request_id=record.request_id)
     return {"status": FAILED.lower(), "reason": reason}
+
+
+def _retry_start(record: FailureRecord, services: Services) -> dict[str, Any]:
+    """A start (direct or S3) that failed part-way is safe to send again: starting is idempotent."""
+    if record.start_payload is None or record.attempt >= START_MAX_ATTEMPTS:
+        logs.event(
+            log, "start_failed", level=logging.ERROR, error=record.error_message, attempt=record.attempt
+        )
+        return {"status": "ignored", "reason": "the start failed and is not retried"}
+    retry = {**record.start_payload, "attempt": record.attempt + 1}
+    services.invoker.invoke_async([retry])
+    logs.event(log, "failed_start_redispatched", attempt=record.attempt + 1, error=record.error_message)
+    return {"status": "redispatched", "attempt": record.attempt + 1}
 
 
 # --- helpers --------------------------------------------------------------------------------------------

@@ -98,8 +98,9 @@ def train_steps(
     timer = StepTimer()
     while state.next_step < total_steps:
         estimate = timer.estimate()
-        if state.next_step > 0 and estimate is not None and seconds_left() - margin_s < 1.5 * estimate:
-            logs.event(log, "deadline_near", step=state.next_step, seconds_left=round(seconds_left(), 1))
+        left = seconds_left() - margin_s
+        if left < (1.5 * estimate if estimate is not None else 0.0):
+            logs.event(log, "deadline_near", step=state.next_step, seconds_left=round(left + margin_s, 1))
             return False
         step = state.next_step
         began = time.perf_counter()  # the step's time includes reading and augmenting its batch
