@@ -84,7 +84,7 @@ class TrainConfig:
     image_size: int = 32  # inputs are resized to this many pixels (the paper's transfer setting: 224)
     weights: str | None = None  # vgg19 only: None, "imagenet", or a weights file path relative to EFS_ROOT
     batch_size: int = 128  # per worker, per local step
-    lr: float = 0.05  # local SGD learning rate (peak of the schedule)
+    lr: float = 0.02  # local SGD learning rate (peak of the schedule; 0.05 diverges early without warm-up)
     lr_schedule: str = "cosine"  # "cosine" decay over rounds, or "constant"
     momentum: float = 0.9  # local SGD momentum (reset at each round)
     weight_decay: float = 5e-4  # decoupled weight decay of the local optimizer
