@@ -16,7 +16,7 @@ DATA_DIR ?= .local/efs/datasets/cifar10
 S3_URI ?=
 FORCE ?=
 
-.PHONY: help install test lint validate build deploy start delete preprocess demo local bench test-integration clean
+.PHONY: help install test lint style validate build deploy start delete preprocess demo local bench test-integration clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -42,8 +42,10 @@ install: $(VENV)/.installed $(DDB_DIR)/.installed ## Create .venv with pinned de
 test: install ## Run the whole test suite (unit, integration, template gate)
 	$(PY) -m pytest
 
-lint: install ## Template gate (sam validate, cfn-lint, checkov, hadolint, pip resolve, assertions) and ruff
+lint: install style ## Template gate (sam validate, cfn-lint, checkov, hadolint, pip resolve, assertions) and style
 	$(PY) tools/template_gate.py
+
+style: install ## ruff: lint and formatting of the Python code
 	$(PY) -m ruff check src tests bench tools
 	$(PY) -m ruff format --check src tests bench tools
 

@@ -65,7 +65,9 @@ def test_missing_start_object_is_a_clear_error(harness: Harness, bucket: Any) ->
 def test_vgg19_loads_a_weights_file_relative_to_the_efs_root(tmp_path: Path) -> None:
     base = keras.applications.VGG19(include_top=False, weights=None, input_shape=(32, 32, 3))
     base.save_weights(tmp_path / "vgg19_notop.weights.h5")
-    model = models.build_model(TrainConfig(model="vgg19", weights="vgg19_notop.weights.h5"), efs_root=tmp_path)
+    model = models.build_model(
+        TrainConfig(model="vgg19", weights="vgg19_notop.weights.h5"), efs_root=tmp_path
+    )
     loaded = model.get_layer("vgg19").get_weights()
     for expected, actual in zip(base.get_weights(), loaded, strict=True):
         np.testing.assert_array_equal(expected, actual)
