@@ -39,11 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "src" / "handler"))
+sys.path[:0] = [str(REPO_ROOT / "src" / "handler"), str(REPO_ROOT / "src")]
 
+from localrun import template as cfn_template  # noqa: E402
 from trainer import config as trainer_config  # noqa: E402  (needs the sys.path entry above)
 from trainer import protocol as trainer_protocol  # noqa: E402
 
@@ -91,39 +90,13 @@ class GateError(Exception):
 # --- Loading -------------------------------------------------------------------------------------
 
 
-class _CfnLoader(yaml.SafeLoader):
-    """YAML loader that turns CloudFormation short tags (``!Ref``, ``!Sub``...) into their JSON form."""
-
-
-def _construct_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
-    if isinstance(node, yaml.ScalarNode):
-        value: Any = loader.construct_scalar(node)
-    elif isinstance(node, yaml.SequenceNode):
-        value = loader.construct_sequence(node, deep=True)
-    else:
-        value = loader.construct_mapping(node, deep=True)
-    if suffix == "Ref":
-        return {"Ref": value}
-    if suffix == "Condition":
-        return {"Condition": value}
-    if suffix == "GetAtt" and isinstance(value, str):
-        value = value.split(".", 1)
-    return {f"Fn::{suffix}": value}
-
-
-_CfnLoader.add_multi_constructor("!", _construct_tag)
-
-
 def load_template(path: Path) -> dict[str, Any]:
+    """The template as data (the one CloudFormation YAML reader of the project, in ``localrun.template``)."""
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise GateError(f"cannot read template {path}: {exc.strerror}") from exc
-    try:
-        template = yaml.load(text, Loader=_CfnLoader)  # a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise GateError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(template, dict) or not isinstance(template.get("Resources"), dict):
+        template = cfn_template.load_template(path)
+    except cfn_template.TemplateError as exc:
+        raise GateError(str(exc)) from exc
+    if not isinstance(template.get("Resources"), dict):
         raise GateError(f"{path} has no Resources mapping")
     return template
 

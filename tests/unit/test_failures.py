@@ -6,30 +6,13 @@ failure record that Lambda's ``OnFailure`` destination would, and checks that th
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
 
 from trainer import rounds
 from trainer.errors import InvalidEventError, InvocationError, LayoutError
-from trainer_harness import FakeContext, Harness, start_event
-
-FAILURE = {
-    "version": "1.0",
-    "timestamp": "2026-11-27T12:00:00.000Z",
-    "requestContext": {"requestId": "r-1", "functionArn": "arn", "condition": "RetriesExhausted"},
-    "requestPayload": {},
-    "responseContext": {"statusCode": 200, "executedVersion": "$LATEST", "functionError": "Unhandled"},
-    "responsePayload": {"errorMessage": "boom", "errorType": "InvocationError"},
-}
-
-
-def failure_record(payload: dict[str, Any], error_type: str = "InvocationError") -> dict[str, Any]:
-    record = copy.deepcopy(FAILURE)
-    record["requestPayload"] = payload
-    record["responsePayload"]["errorType"] = error_type
-    return record
+from trainer_harness import FakeContext, Harness, failure_record, start_event
 
 
 def deliver_until(harness: Harness, predicate) -> dict[str, Any]:

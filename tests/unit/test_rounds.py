@@ -6,7 +6,6 @@ one event lost and replaced by its failure record.
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 from trainer import rounds
 from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError
 from trainer.protocol import parse_event
-from trainer_harness import FakeContext, Harness, start_event
+from trainer_harness import FakeContext, Harness, failure_record, start_event
 
 
 def kinds(harness: Harness) -> list[str]:
@@ -132,8 +131,8 @@ def test_stop_request_finishes_the_round_then_stops_and_resume_completes(harness
 def test_failed_worker_is_redispatched_then_the_run_fails_after_max_attempts(harness: Harness) -> None:
     harness.invoke(start_event(max_attempts=2))
     worker = harness.invoker.queue.popleft()
-    record = json.loads(json.dumps(FAILURE_RECORD))
-    record["requestPayload"] = worker
+    record = failure_record(worker)
+    record["responsePayload"]["errorMessage"] = "worker ran out of memory"
     assert harness.invoke(record) == {"status": "redispatched", "attempt": 2}
     retry = harness.invoker.queue[-1]
     assert retry == {**worker, "attempt": 2}
@@ -232,13 +231,3 @@ def test_outer_momentum_and_float16_updates_train(harness: Harness) -> None:
     rounds = harness.status.list_rounds("t1")
     assert harness.run_item("t1")["state"] == "SUCCEEDED"
     assert rounds[-1]["train_loss"] < rounds[0]["train_loss"]
-
-
-FAILURE_RECORD = {
-    "version": "1.0",
-    "timestamp": "2026-11-27T12:00:00.000Z",
-    "requestContext": {"requestId": "r-1", "functionArn": "arn", "condition": "RetriesExhausted"},
-    "requestPayload": {},
-    "responseContext": {"statusCode": 200, "executedVersion": "$LATEST", "functionError": "Unhandled"},
-    "responsePayload": {"errorMessage": "worker ran out of memory", "errorType": "MemoryError"},
-}

@@ -7,6 +7,7 @@ queue, so a test decides the delivery order, duplicates events, or drops one, an
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import json
 from collections.abc import Callable
@@ -126,3 +127,21 @@ def start_event(run_id: str = "t1", **overrides: Any) -> dict[str, Any]:
         **TINY,
         **overrides,
     }
+
+
+FAILURE_RECORD = {
+    "version": "1.0",
+    "timestamp": "2026-11-27T12:00:00.000Z",
+    "requestContext": {"requestId": "r-1", "functionArn": "arn", "condition": "RetriesExhausted"},
+    "requestPayload": {},
+    "responseContext": {"statusCode": 200, "executedVersion": "$LATEST", "functionError": "Unhandled"},
+    "responsePayload": {"errorMessage": "boom", "errorType": "InvocationError"},
+}
+
+
+def failure_record(payload: dict[str, Any], error_type: str = "InvocationError") -> dict[str, Any]:
+    """What the OnFailure destination delivers when ``payload`` failed with ``error_type``."""
+    record = copy.deepcopy(FAILURE_RECORD)
+    record["requestPayload"] = payload
+    record["responsePayload"]["errorType"] = error_type
+    return record
