@@ -14,7 +14,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import logging
 from typing import Any
 
-from trainer import config, logs, protocol, rounds
+from trainer import config, errors, logs, protocol, rounds
 
 logs.setup()
 log = logging.getLogger("app")
@@ -40,7 +40,10 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
                 return rounds.stop_run(parsed, services)
             case protocol.FailureRecord():
                 return rounds.handle_failure(parsed, services)
-    except Exception:
+    except errors.TrainingError as exc:  # expected failures: one line, no traceback
+        logs.event(log, "invocation_failed", logging.ERROR, error_type=type(exc).__name__, error=str(exc))
+        raise
+    except Exception:  # a bug or an outage: keep the traceback
         log.exception("invocation_failed")
         raise
     raise AssertionError(
