@@ -94,14 +94,15 @@ local: install ## lambdatrain local with ARGS="..."
 	$(BIN)/lambdatrain local $(ARGS)
 
 bench: install ## Run the benchmarks (slow, minutes; record results in bench/RESULTS.md)
-	$(PY) bench/prep_bench.py --source "$(or $(CIFAR10_ARCHIVE),../shared/cifar10/cifar-10-python.tar.xz)"
+	@test -n "$(CIFAR10_ARCHIVE)" || { echo "error: set CIFAR10_ARCHIVE=<cifar-10-python.tar.gz|.tar.xz> for the preprocessing benchmark" >&2; exit 1; }
+	$(PY) bench/prep_bench.py --source "$(CIFAR10_ARCHIVE)"
 	$(PY) bench/trainer_bench.py throughput --width 1.0 --batch-size 128 --steps 5 --repeats 3
 	$(PY) bench/trainer_bench.py overhead --width 1.0 --batch-size 128 --steps 4
 	$(PY) bench/trainer_bench.py memory --width 1.0 --batch-size 128 --steps 3
 
 test-integration: install ## Tests against a deployed stack (needs AWS_SAM_STACK_NAME)
 	@test -n "$$AWS_SAM_STACK_NAME" || { echo "error: set AWS_SAM_STACK_NAME to the deployed stack's name" >&2; exit 1; }
-	$(PY) -m pytest tests/integration -m deployed
+	AWS_DEFAULT_REGION=$(REGION) $(PY) -m pytest tests/integration -m deployed
 
 clean: ## Remove build outputs (keeps .venv and .local/efs)
 	rm -rf .aws-sam .pytest_cache .ruff_cache build dist

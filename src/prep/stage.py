@@ -117,6 +117,9 @@ class RemoteArray:
 
 def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
     """Parse the event, stage the dataset, return the summary; failures are logged and re-raised."""
+    logging.getLogger().setLevel(
+        os.environ.get("LOG_LEVEL", "INFO")
+    )  # Lambda's root logger starts at WARNING
     efs_root = Path(os.environ.get(EFS_ROOT_ENV, DEFAULT_EFS_ROOT))
     try:
         request = parse_stage_event(event)

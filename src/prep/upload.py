@@ -48,6 +48,9 @@ INVOKE_CONFIG = botocore.config.Config(
 _S3_URI = re.compile(r"s3://(?P<bucket>[^/]+)/?(?P<prefix>.*)")
 
 
+STAGING_PREFIX = "datasets/"
+
+
 @dataclass(frozen=True)
 class S3Location:
     bucket: str
@@ -65,6 +68,12 @@ class S3Location:
             prefix = stage.check_prefix(match["prefix"])
         except stage.StagingError as exc:
             raise PrepError(f"--s3-uri {uri!r}: {exc}") from exc
+        if not prefix.startswith(STAGING_PREFIX):
+            # The staging function may read only datasets/* (template.yaml); fail before uploading 180 MB.
+            raise PrepError(
+                f"--s3-uri {uri!r}: the prefix must start with {STAGING_PREFIX!r} "
+                f"(e.g. s3://{match['bucket']}/{STAGING_PREFIX}cifar10), the only prefix the staging function reads"
+            )
         return cls(bucket=match["bucket"], prefix=prefix)
 
     def key(self, file_name: str) -> str:

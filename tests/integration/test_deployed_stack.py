@@ -64,7 +64,7 @@ def test_trainer_rejects_a_malformed_event_in_the_cloud(outputs: dict[str, str])
     assert result["payload"]["errorType"] == "InvalidEventError"
 
 
-def test_trainer_reaches_the_status_table_and_efs(outputs: dict[str, str]) -> None:
+def test_trainer_reaches_the_status_table_from_the_vpc(outputs: dict[str, str]) -> None:
     """A stop event for an unknown run reads the table from inside the VPC and answers with a clear error."""
     run_id = f"probe-{uuid.uuid4().hex[:8]}"
     result = invoke(outputs["TrainerFunctionName"], {"stop": True, "run": run_id})

@@ -53,7 +53,8 @@ CASES = [
     ("s3-without-stack", ["--source", "cifar10-tiny.tar.gz", "--s3-uri", f"s3://{BUCKET}/p"], 1, r"^error: --s3-uri needs --stack"),
     ("bad-s3-uri", ["--source", "cifar10-tiny.tar.gz", "--s3-uri", "https://bucket/p", "--stack", STACK], 1, r"^error: --s3-uri must look like s3://bucket/prefix"),
     ("s3-prefix-dotdot", ["--source", "cifar10-tiny.tar.gz", "--s3-uri", f"s3://{BUCKET}/a/../b", "--stack", STACK], 1, r"^error: --s3-uri .*no '\.\.'"),
-    ("bad-dataset-name", ["--source", "cifar10-tiny.tar.gz", "--s3-uri", f"s3://{BUCKET}/p", "--stack", STACK, "--dataset", "a/b"], 1, r"^error: --dataset must match"),
+    ("bad-dataset-name", ["--source", "cifar10-tiny.tar.gz", "--s3-uri", f"s3://{BUCKET}/datasets/p", "--stack", STACK, "--dataset", "a/b"], 1, r"^error: --dataset must match"),
+    ("s3-prefix-outside-datasets", ["--source", "cifar10-tiny.tar.gz", "--s3-uri", f"s3://{BUCKET}/p", "--stack", STACK], 1, r"^error: --s3-uri .*must start with 'datasets/'"),
     ("unknown-option", ["--frobnicate"], 2, r"unrecognized arguments: --frobnicate"),
     ("help", ["--help"], 0, r"usage: cifar10-prep"),
 ]  # fmt: skip

@@ -96,10 +96,10 @@ def test_staging_again_replaces_the_previous_copy(s3, efs_root, prepared):
 def test_uploads_from_prep_upload_are_staged(s3, efs_root, prepared):
     """The CLI's uploader and the staging function agree on keys and layout."""
     manifest = json.loads((prepared / "manifest.json").read_text())
-    location = upload.S3Location.parse(f"s3://{BUCKET}/other/prefix/")
+    location = upload.S3Location.parse(f"s3://{BUCKET}/datasets/other/prefix/")
     upload.upload_dataset(prepared, manifest, location, s3_client=s3)
 
-    event = {"stage": {"bucket": BUCKET, "prefix": "other/prefix", "dataset": "cifar10-copy"}}
+    event = {"stage": {"bucket": BUCKET, "prefix": "datasets/other/prefix", "dataset": "cifar10-copy"}}
     stage.stage_dataset(stage.parse_stage_event(event), s3_client=s3, efs_root=efs_root)
 
     assert snapshot(efs_root / "datasets" / "cifar10-copy") == snapshot(prepared)

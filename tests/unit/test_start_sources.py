@@ -35,13 +35,19 @@ def bucket(harness: Harness) -> Any:
         yield client
 
 
-def test_start_object_starts_a_run_named_after_the_object(harness: Harness, bucket: Any) -> None:
+def test_start_object_starts_a_run_named_after_it_and_exports_the_model_there(
+    harness: Harness, bucket: Any
+) -> None:
     body = {key: value for key, value in start_event().items() if key != "run"}
     bucket.put_object(Bucket=BUCKET, Key="start/from-s3.json", Body=json.dumps(body).encode())
     assert harness.invoke(s3_event("start/from-s3.json"))["run"] == "from-s3"
     assert harness.invoke(s3_event("start/from-s3.json"))["status"] == "duplicate"  # S3 redelivery
     harness.drain()
-    assert harness.run_item("from-s3")["state"] == "SUCCEEDED"
+    item = harness.run_item("from-s3")
+    assert item["state"] == "SUCCEEDED"
+    assert item["final_model_s3"] == f"s3://{BUCKET}/models/from-s3/final.keras"
+    exported = bucket.get_object(Bucket=BUCKET, Key="models/from-s3/final.keras")["Body"].read()
+    assert exported == harness.layout.final_model_path("from-s3").read_bytes()
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from localrun import template as cfn_template
 from trainer import protocol
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,21 +30,27 @@ def test_every_sample_event_is_accepted_by_parse_event(path):
 
 def test_s3_put_event_matches_the_templates_start_object_filter():
     record = json.loads((REPO_ROOT / "events" / "s3_put.json").read_text())["Records"][0]
-    template = (REPO_ROOT / "template.yaml").read_text()
+    template = cfn_template.load_template(REPO_ROOT / "template.yaml")
+    trigger = template["Resources"]["TrainerFunction"]["Properties"]["Events"]["StartObject"]["Properties"]
+    rules = {rule["Name"]: rule["Value"] for rule in trigger["Filter"]["S3Key"]["Rules"]}
 
+    assert rules == {"prefix": protocol.START_PREFIX, "suffix": protocol.START_SUFFIX}
     key = record["s3"]["object"]["key"]
-
-    assert f"Value: {protocol.START_PREFIX}\n" in template
-    assert f"Value: {protocol.START_SUFFIX}\n" in template
-    assert key.startswith(protocol.START_PREFIX) and key.endswith(protocol.START_SUFFIX)
+    assert key.startswith(rules["prefix"]) and key.endswith(rules["suffix"])
 
 
 def test_failure_record_survives_the_sqs_queue_the_template_delivers_it_through():
     # The trainer's OnFailure destination is FailureQueue; Lambda polls it and hands the trainer an SQS event
     # whose record body is the destination record, serialized as a JSON string.
+    template = cfn_template.load_template(REPO_ROOT / "template.yaml")
+    on_failure = template["Resources"]["TrainerFunction"]["Properties"]["EventInvokeConfig"][
+        "DestinationConfig"
+    ]
+    assert on_failure["OnFailure"]["Type"] == "SQS"
     record = json.loads((REPO_ROOT / "events" / "failure_record.json").read_text())
-    sqs_event = {"Records": [{"eventSource": "aws:sqs", "body": json.dumps(record)}]}
+    sqs_event = {"Records": [{"eventSource": "aws:sqs", "messageId": "m-1", "body": json.dumps(record)}]}
 
-    unwrapped = json.loads(sqs_event["Records"][0]["body"])
+    parsed = protocol.parse_event(sqs_event)
 
-    assert isinstance(protocol.parse_event(unwrapped), protocol.FailureRecord)
+    assert isinstance(parsed, protocol.FailureRecord)
+    assert parsed.failed == protocol.WorkerEvent("vgg19-bn-6w", 14, 3, 6, 7)

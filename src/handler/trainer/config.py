@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.efs_layout import check_name
-from trainer.errors import InvalidEventError
+from trainer.errors import ConfigurationError, InvalidEventError
 
 ENV_EFS_ROOT = "EFS_ROOT"
 ENV_STATUS_TABLE = "STATUS_TABLE"
@@ -58,13 +58,13 @@ def load(environ: Mapping[str, str] | None = None) -> Environment:
     environ = os.environ if environ is None else environ
     table = environ.get(ENV_STATUS_TABLE, "")
     if not table:
-        raise InvalidEventError(
+        raise ConfigurationError(
             f"environment variable {ENV_STATUS_TABLE} is not set; expected the table name"
         )
     try:
         margin = float(environ.get(ENV_SAFETY_MARGIN_S, DEFAULT_SAFETY_MARGIN_S))
     except ValueError as exc:
-        raise InvalidEventError(f"{ENV_SAFETY_MARGIN_S} must be a number of seconds") from exc
+        raise ConfigurationError(f"{ENV_SAFETY_MARGIN_S} must be a number of seconds") from exc
     return Environment(
         efs_root=Path(environ.get(ENV_EFS_ROOT, DEFAULT_EFS_ROOT)),
         status_table=table,

@@ -10,6 +10,7 @@ Run item ``pk="RUN#<run>"``, ``sk="RUN"``
     ``fanned_out``     the last round whose worker events were all sent
     ``config``         the resolved TrainConfig as JSON
     ``reason``         why a run FAILED; ``final_model`` where ``final.keras`` is; latest ``test_accuracy``/``test_loss``
+    ``export_bucket``  for runs started by an S3 object: ``final.keras`` is also uploaded to ``models/<run>/``
 Round item ``pk="RUN#<run>"``, ``sk="ROUND#000012"`` (one Query lists a run's rounds in order)
     ``done``                number set of the workers whose update is written (``ADD`` is idempotent)
     ``claimed_generation``, ``claimed_by``, ``claimed_attempt``   the combine claim: won once per generation,
@@ -75,6 +76,7 @@ class RunStatus:
     fanned_out: int
     config: TrainConfig
     reason: str | None = None
+    export_bucket: str | None = None  # runs started by an S3 object also export final.keras to that bucket
 
     @property
     def active(self) -> bool:
@@ -94,7 +96,9 @@ class StatusTable:
 
     # --- runs -------------------------------------------------------------------------------------------
 
-    def create_run(self, run_id: str, config: TrainConfig, total_rounds: int) -> None:
+    def create_run(
+        self, run_id: str, config: TrainConfig, total_rounds: int, export_bucket: str | None = None
+    ) -> None:
         """Create the run item; a second start with the same id raises :class:`CoordinationConflictError`."""
         item = {
             **run_key(run_id),
@@ -110,6 +114,8 @@ class StatusTable:
             "created_at": now_iso(),
             "updated_at": now_iso(),
         }
+        if export_bucket:
+            item["export_bucket"] = export_bucket
         self._conditional(
             "put_item",
             f'run {run_id!r} already exists (send "resume": true to continue it)',
@@ -326,6 +332,7 @@ def _run_status(item: dict[str, Any]) -> RunStatus:
         fanned_out=int(item.get("fanned_out", -1)),
         config=TrainConfig(**json.loads(item["config"])),
         reason=item.get("reason"),
+        export_bucket=item.get("export_bucket"),
     )
 
 

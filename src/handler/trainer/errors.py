@@ -19,3 +19,7 @@ class CoordinationConflictError(TrainingError):
 
 class InvocationError(TrainingError):
     """Invoking the trainer function asynchronously failed."""
+
+
+class ConfigurationError(TrainingError):
+    """The function's environment is wrong (a deployment problem, not the event's)."""

@@ -20,7 +20,8 @@ from typing import Any
 
 import keras
 import numpy as np
-from botocore.exceptions import ClientError
+from boto3.exceptions import S3UploadFailedError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from trainer import aggregation, config, data, logs, models, training
 from trainer.coordination import (
@@ -49,6 +50,7 @@ from trainer.schedule import Schedule
 log = logging.getLogger(__name__)
 
 MAX_START_OBJECT_BYTES = 64 * 1024
+MODEL_PREFIX = "models/"  # where runs started from S3 export final.keras, in the start object's bucket
 
 
 @dataclass
@@ -141,10 +143,12 @@ def start_from_s3(event: S3StartEvent, services: Services) -> dict[str, Any]:
     if int(response.get("ContentLength", 0)) > MAX_START_OBJECT_BYTES:
         raise InvalidEventError(f"start object {event.key!r} is larger than {MAX_START_OBJECT_BYTES} bytes")
     start = parse_start_object(response["Body"].read(MAX_START_OBJECT_BYTES + 1), event.key)
-    return start_run(start, services, default_run_id=event.run_id)
+    return start_run(start, services, default_run_id=event.run_id, export_bucket=event.bucket)
 
 
-def start_run(event: StartEvent, services: Services, default_run_id: str) -> dict[str, Any]:
+def start_run(
+    event: StartEvent, services: Services, default_run_id: str, export_bucket: str | None = None
+) -> dict[str, Any]:
     if event.resume:
         return _resume_run(event, services)
     cfg = event.config
@@ -168,7 +172,7 @@ def start_run(event: StartEvent, services: Services, default_run_id: str) -> dic
     if run is None:
         weights = initial_weights(cfg, services.layout.root)  # validates a weights file too
         with contextlib.suppress(CoordinationConflictError):  # a concurrent duplicate won: checked below
-            services.status.create_run(run_id, cfg, schedule.total_rounds)
+            services.status.create_run(run_id, cfg, schedule.total_rounds, export_bucket)
             _write_initial_state(run_id, cfg, weights, services.layout)
             logs.event(log, "run_created", total_rounds=schedule.total_rounds, config=cfg.to_dict())
         run = _require_run(run_id, services)
@@ -437,6 +441,8 @@ def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
     last = schedule.is_last(event.round_index)
     if last:
         bytes_written += _export_model(model, layout.final_model_path(run.run_id))
+        if run.export_bucket:  # before the commit: SUCCEEDED means the model is in S3 too
+            metrics["final_model_s3"] = _upload_model(layout.final_model_path(run.run_id), run, services)
     phases["write"] = time.perf_counter() - began
     phases["worker_compute"] = max(float(meta["compute_s"]) for meta in worker_meta)
     phases["worker_load"] = max(float(meta["load_s"]) for meta in worker_meta)
@@ -455,7 +461,7 @@ def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
             "bytes_written": bytes_written,
         },
     )
-    summary = {key: value for key, value in metrics.items() if key.startswith("test_")}
+    summary = {key: value for key, value in metrics.items() if key.startswith(("test_", "final_"))}
     if last:
         summary["final_model"] = str(layout.final_model_path(run.run_id))
     new_state = _commit_round(run, next_round, epochs_done, last, summary, services)
@@ -505,6 +511,17 @@ def _export_model(model: keras.Model, path: Path) -> int:
     finally:
         tmp.unlink(missing_ok=True)
     return file_size(path)
+
+
+def _upload_model(path: Path, run: RunStatus, services: Services) -> str:
+    """Copy ``final.keras`` to ``s3://<export bucket>/models/<run>/final.keras`` (managed multipart upload)."""
+    key = f"{MODEL_PREFIX}{run.run_id}/final.keras"
+    try:
+        services.s3_client().upload_file(str(path), run.export_bucket, key)
+    except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
+        raise TrainingError(f"uploading {path} to s3://{run.export_bucket}/{key} failed: {exc}") from exc
+    logs.event(log, "model_exported", uri=f"s3://{run.export_bucket}/{key}", size_bytes=file_size(path))
+    return f"s3://{run.export_bucket}/{key}"
 
 
 def _clean_up(run_id: str, round_index: int, layout: EfsLayout) -> None:
