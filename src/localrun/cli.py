@@ -10,7 +10,8 @@ What it does, in order:
 4. shows a progress bar read from the status table until the run is SUCCEEDED, FAILED or STOPPED, then a
    summary. Exit code 0 when the run SUCCEEDED, 1 otherwise.
 
-Ctrl-C asks the run to stop after its current round (a stop event); a second Ctrl-C stops at once. Either way
+Ctrl-C asks the run to stop after its current round (STOP_REQUESTED on the run item, what the stop event
+writes); a second Ctrl-C stops at once. Either way
 every worker process and DynamoDB Local are shut down, and the command to resume is printed. Handler output
 goes to ``<state-dir>/logs/<run>.log``.
 """
@@ -518,9 +519,9 @@ class Monitor:
                     if interrupts.count == 1 and not stop_sent:
                         stop_sent = True
                         self.bar.write("stopping after the current round (Ctrl-C again to stop now)")
-                        _invoke_event(
-                            self.endpoint_url, self.function.name, {"stop": True, "run": self.run_id}
-                        )
+                        # As an operator would: flag the run item now (the stop event's own write), rather
+                        # than queue a stop event behind the invocations that are keeping every slot busy.
+                        self.status.request_stop(self.run_id)
                     idle_polls = idle_polls + 1 if self.function.in_flight == 0 else 0
                     if idle_polls >= STALL_POLLS:
                         state = snapshot.state or "not created"
