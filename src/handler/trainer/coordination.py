@@ -182,55 +182,45 @@ class StatusTable:
 
     def mark_fanned_out(self, run_id: str, round_index: int) -> None:
         """Record that every worker event of ``round_index`` was sent (monotonic; a stale write is a no-op)."""
-        try:
-            self._conditional(
-                "update_item",
-                "fanned_out already past this round",
-                Key=run_key(run_id),
-                UpdateExpression="SET fanned_out = :r",
-                ConditionExpression="fanned_out < :r",
-                ExpressionAttributeValues={":r": round_index},
-            )
-        except CoordinationConflictError:
+        if not self._transition(
+            "update_item",
+            "fanned_out already past this round",
+            Key=run_key(run_id),
+            UpdateExpression="SET fanned_out = :r",
+            ConditionExpression="fanned_out < :r",
+            ExpressionAttributeValues={":r": round_index},
+        ):
             logs.event(log, "fan_out_already_recorded", round=round_index)
 
     def request_stop(self, run_id: str) -> bool:
         """Flag a RUNNING run to stop after its current round. False if it was not running."""
-        try:
-            self._conditional(
-                "update_item",
-                "run is not RUNNING",
-                Key=run_key(run_id),
-                UpdateExpression="SET #state = :stop, updated_at = :now",
-                ConditionExpression="#state = :running",
-                ExpressionAttributeNames={"#state": "state"},
-                ExpressionAttributeValues={":stop": STOP_REQUESTED, ":running": RUNNING, ":now": now_iso()},
-            )
-        except CoordinationConflictError:
-            return False
-        return True
+        return self._transition(
+            "update_item",
+            "run is not RUNNING",
+            Key=run_key(run_id),
+            UpdateExpression="SET #state = :stop, updated_at = :now",
+            ConditionExpression="#state = :running",
+            ExpressionAttributeNames={"#state": "state"},
+            ExpressionAttributeValues={":stop": STOP_REQUESTED, ":running": RUNNING, ":now": now_iso()},
+        )
 
     def fail_run(self, run_id: str, reason: str) -> bool:
         """Mark an active run FAILED with a reason. False if it had already ended."""
-        try:
-            self._conditional(
-                "update_item",
-                "run is not active",
-                Key=run_key(run_id),
-                UpdateExpression="SET #state = :failed, reason = :reason, updated_at = :now",
-                ConditionExpression="#state IN (:running, :stop)",
-                ExpressionAttributeNames={"#state": "state"},
-                ExpressionAttributeValues={
-                    ":failed": FAILED,
-                    ":reason": reason[:1000],
-                    ":now": now_iso(),
-                    ":running": RUNNING,
-                    ":stop": STOP_REQUESTED,
-                },
-            )
-        except CoordinationConflictError:
-            return False
-        return True
+        return self._transition(
+            "update_item",
+            "run is not active",
+            Key=run_key(run_id),
+            UpdateExpression="SET #state = :failed, reason = :reason, updated_at = :now",
+            ConditionExpression="#state IN (:running, :stop)",
+            ExpressionAttributeNames={"#state": "state"},
+            ExpressionAttributeValues={
+                ":failed": FAILED,
+                ":reason": reason[:1000],
+                ":now": now_iso(),
+                ":running": RUNNING,
+                ":stop": STOP_REQUESTED,
+            },
+        )
 
     # --- rounds -----------------------------------------------------------------------------------------
 
@@ -256,20 +246,16 @@ class StatusTable:
         The claimant's worker index and attempt are stored, so that the same worker re-dispatched after a crash
         (a higher attempt) may claim again; any other worker still loses.
         """
-        try:
-            self._conditional(
-                "update_item",
-                "combine already claimed",
-                Key=round_key(run_id, round_index),
-                UpdateExpression="SET claimed_generation = :g, claimed_by = :w, claimed_attempt = :a",
-                ConditionExpression="attribute_exists(done) AND attribute_not_exists(completed_at) AND "
-                "(attribute_not_exists(claimed_generation) OR claimed_generation < :g OR "
-                "(claimed_generation = :g AND claimed_by = :w AND claimed_attempt < :a))",
-                ExpressionAttributeValues={":g": generation, ":w": worker_index, ":a": attempt},
-            )
-        except CoordinationConflictError:
-            return False
-        return True
+        return self._transition(
+            "update_item",
+            "combine already claimed",
+            Key=round_key(run_id, round_index),
+            UpdateExpression="SET claimed_generation = :g, claimed_by = :w, claimed_attempt = :a",
+            ConditionExpression="attribute_exists(done) AND attribute_not_exists(completed_at) AND "
+            "(attribute_not_exists(claimed_generation) OR claimed_generation < :g OR "
+            "(claimed_generation = :g AND claimed_by = :w AND claimed_attempt < :a))",
+            ExpressionAttributeValues={":g": generation, ":w": worker_index, ":a": attempt},
+        )
 
     def get_round(self, run_id: str, round_index: int) -> dict[str, Any] | None:
         item = self.table.get_item(Key=round_key(run_id, round_index), ConsistentRead=True).get("Item")
@@ -310,6 +296,14 @@ class StatusTable:
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     # --- plumbing ---------------------------------------------------------------------------------------
+
+    def _transition(self, operation: str, conflict_message: str, **kwargs: Any) -> bool:
+        """A conditional write whose losing is an answer, not an error: True if this caller made it."""
+        try:
+            self._conditional(operation, conflict_message, **kwargs)
+        except CoordinationConflictError:
+            return False
+        return True
 
     def _conditional(self, operation: str, conflict_message: str, **kwargs: Any) -> dict[str, Any]:
         try:
