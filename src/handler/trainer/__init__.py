@@ -5,9 +5,11 @@ Modules, one concept each (data flows event -> validate -> plan -> train or aggr
 - ``protocol``      event dataclasses and ``parse_event``
 - ``config``        environment variable names and the training configuration
 - ``errors``        the exception hierarchy
+- ``logs``          one JSON object per log line, per-invocation keys
 - ``efs_layout``    every path under the EFS mount, atomic file writes
 - ``coordination``  DynamoDB run/round items, conditional writes
 - ``models``        VGG-19 variants (Keras 3 functional API)
+- ``schedule``      rounds, shards and the learning rate of a run
 - ``data``          memory-mapped dataset, per-epoch shards, augmentation
 - ``training``      one worker's local steps
 - ``aggregation``   averaging updates and the outer (server) update
