@@ -80,7 +80,8 @@ class Bench:
 
     def __init__(self, efs_root: Path, database: dynamodb_local.DynamoDBLocal) -> None:
         import app
-        from trainer import config, rounds
+        from trainer import config
+        from trainer import services as trainer_services
         from trainer.coordination import StatusTable
         from trainer.efs_layout import EfsLayout
 
@@ -89,7 +90,7 @@ class Bench:
         os.environ.update(EFS_ROOT=str(efs_root), STATUS_TABLE=table_name, SAFETY_MARGIN_S="30")
         self.invoker = NullInvoker()
         self.layout = EfsLayout(efs_root)
-        self.services = rounds.Services(
+        self.services = trainer_services.Services(
             self.layout, StatusTable(database.resource().Table(table_name)), self.invoker, config.load()
         )
         app._services_for = lambda environment: self.services
@@ -136,12 +137,12 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_throughput(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
-    from trainer import rounds
+    from trainer import services as trainer_services
 
     config = {**model_config(args), "workers": 2, "epochs": 1, "local_steps": args.steps + 1}
     run_id = bench.start(**config)
     bench.worker(run_id, 0, 2)  # warm the handler's model (tracing) before measuring
-    model = next(iter(rounds._models.values()))
+    model = next(iter(trainer_services._models.values()))
     handler, bare = [], []
     for _ in range(args.repeats):
         run_id = bench.start(**config)
@@ -165,9 +166,9 @@ def run_overhead(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     for label in ("cold", "warm"):
         run_id = bench.start(**config)  # the first start builds the model: the worker after it is warm
         if label == "cold":
-            from trainer import rounds
+            from trainer import services as trainer_services
 
-            rounds._models.clear()  # a new container: the worker must build the model
+            trainer_services._models.clear()  # a new container: the worker must build the model
         walls, metas = zip(*(bench.worker(run_id, worker, workers) for worker in range(workers)), strict=True)
         combine_wall, round_item = bench.combine(run_id, workers)
         step_s = statistics.median(meta["compute_s"] / meta["steps"] for meta in metas)

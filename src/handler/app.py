@@ -14,11 +14,12 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import logging
 from typing import Any
 
-from trainer import config, errors, logs, protocol, rounds
+from trainer import combine, config, errors, failures, logs, protocol, runs, worker
+from trainer import services as services_module
 
 logs.setup()
 log = logging.getLogger("app")
-_services: dict[config.Environment, rounds.Services] = {}
+_services: dict[config.Environment, services_module.Services] = {}
 
 
 def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
@@ -29,17 +30,17 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
         services = _services_for(config.load())
         match parsed:
             case protocol.StartEvent():
-                return rounds.start_run(parsed, services, default_run_id=f"run-{request_id[:8]}")
+                return runs.start_run(parsed, services, default_run_id=f"run-{request_id[:8]}")
             case protocol.S3StartEvent():
-                return rounds.start_from_s3(parsed, services)
+                return runs.start_from_s3(parsed, services)
             case protocol.WorkerEvent():
-                return rounds.run_worker(parsed, services, context)
+                return worker.run_worker(parsed, services, context)
             case protocol.CombineEvent():
-                return rounds.run_combine(parsed, services)
+                return combine.run_combine(parsed, services)
             case protocol.StopEvent():
-                return rounds.stop_run(parsed, services)
+                return runs.stop_run(parsed, services)
             case protocol.FailureRecord():
-                return rounds.handle_failure(parsed, services)
+                return failures.handle_failure(parsed, services)
     except errors.TrainingError as exc:  # expected failures: one line, no traceback
         logs.event(log, "invocation_failed", logging.ERROR, error_type=type(exc).__name__, error=str(exc))
         raise
@@ -51,8 +52,8 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
     )  # unreachable: parse_event returns one of the above
 
 
-def _services_for(environment: config.Environment) -> rounds.Services:
+def _services_for(environment: config.Environment) -> services_module.Services:
     """Clients are created once per container (and per environment, for tests)."""
     if environment not in _services:
-        _services[environment] = rounds.Services.from_environment(environment)
+        _services[environment] = services_module.Services.from_environment(environment)
     return _services[environment]

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from trainer import rounds
+from trainer import combine as combine_flow
 from trainer.errors import InvalidEventError, InvocationError, LayoutError
 from trainer_harness import FakeContext, Harness, failure_record, start_event
 
@@ -98,7 +98,7 @@ def test_concurrent_duplicate_combine_writes_the_same_next_weights(harness: Harn
     harness.invoke(start_event("m", outer_momentum=0.5))
     combine = deliver_until(harness, lambda event: event.get("combine") and event["round"] == 1)
     last_update = harness.layout.update_path("m", 1, 2)
-    real_load = rounds.load_arrays
+    real_load = combine_flow.load_arrays
     seen: dict[str, Any] = {}
 
     def load_then_let_the_duplicate_finish(path):
@@ -109,9 +109,9 @@ def test_concurrent_duplicate_combine_writes_the_same_next_weights(harness: Harn
             seen["weights"] = harness.layout.weights_path("m", 2).read_bytes()
         return arrays
 
-    monkeypatch.setattr(rounds, "load_arrays", load_then_let_the_duplicate_finish)
+    monkeypatch.setattr(combine_flow, "load_arrays", load_then_let_the_duplicate_finish)
     second = harness.invoke(combine)
-    monkeypatch.setattr(rounds, "load_arrays", real_load)
+    monkeypatch.setattr(combine_flow, "load_arrays", real_load)
     assert seen["first"]["status"] == "combined" and second["status"] == "ignored"
     assert harness.layout.weights_path("m", 2).read_bytes() == seen["weights"]
     harness.drain()

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from trainer import rounds
+from trainer import worker as worker_flow
 from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError
 from trainer.protocol import parse_event
 from trainer_harness import FakeContext, Harness, failure_record, start_event
@@ -77,7 +77,7 @@ def test_workers_finishing_together_start_exactly_one_combine(harness: Harness) 
     harness.invoker.queue.clear()
     run = harness.status.get_run("t1")
     for event in workers:  # train all four first, so that their registrations can race
-        rounds._train_share(parse_event(event), run, harness.services, FakeContext())
+        worker_flow._train_share(parse_event(event), run, harness.services, FakeContext())
     barrier = threading.Barrier(len(workers))
     results: list[dict[str, Any]] = []
 

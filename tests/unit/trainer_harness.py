@@ -65,7 +65,8 @@ class Harness:
 
     def __init__(self, efs_root: Path, table: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         import app
-        from trainer import config, rounds
+        from trainer import config
+        from trainer import services as trainer_services
         from trainer.coordination import StatusTable
         from trainer.efs_layout import EfsLayout
 
@@ -77,7 +78,7 @@ class Harness:
         monkeypatch.setenv("EFS_ROOT", str(efs_root))
         monkeypatch.setenv("STATUS_TABLE", table.name)
         monkeypatch.setenv("SAFETY_MARGIN_S", "0")
-        services = rounds.Services(
+        services = trainer_services.Services(
             layout=self.layout, status=self.status, invoker=self.invoker, environment=config.load()
         )
         self.services = services

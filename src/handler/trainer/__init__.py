@@ -14,5 +14,9 @@ Modules, one concept each (data flows event -> validate -> plan -> train or aggr
 - ``training``      one worker's local steps
 - ``aggregation``   averaging updates and the outer (server) update
 - ``invocation``    asynchronous self-invocation
-- ``rounds``        the start / worker / combine / failure flows that tie the above together
+- ``services``      the adapters every flow uses, warm-container caches of the model and dataset map
+- ``runs``          flow: start (direct or S3), resume, stop, and a round's fan-out
+- ``worker``        flow: train a share of a round, write the update, register, claim the combine
+- ``combine``       flow: average, outer update, evaluate, commit the round, fan out or finish
+- ``failures``      flow: failure records re-dispatched with the next attempt, or the run FAILED
 """

@@ -1,0 +1,142 @@
+"""A run's lifecycle: start (direct or from an S3 object), resume, stop, and the fan-out of a round's workers.
+
+Starting is idempotent: a redelivered start with the same id and configuration finishes a crashed first delivery
+or does nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import numpy as np
+from botocore.exceptions import ClientError
+
+from trainer import config, logs
+from trainer.coordination import (
+    RunStatus,
+)
+from trainer.efs_layout import EfsLayout, save_arrays, write_json
+from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError, TrainingError
+from trainer.protocol import (
+    S3StartEvent,
+    StartEvent,
+    StopEvent,
+    WorkerEvent,
+    parse_start_object,
+)
+from trainer.schedule import Schedule
+from trainer.services import Services, dataset_for, initial_weights, require_run
+
+log = logging.getLogger(__name__)
+
+MAX_START_OBJECT_BYTES = 64 * 1024
+
+
+# --- start ----------------------------------------------------------------------------------------------
+
+
+def start_from_s3(event: S3StartEvent, services: Services) -> dict[str, Any]:
+    """Read the start object and start it; the run id defaults to the object's name, so a redelivery is a no-op."""
+    try:
+        response = services.s3_client().get_object(Bucket=event.bucket, Key=event.key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "NoSuchBucket", "AccessDenied"):
+            raise InvalidEventError(
+                f"cannot read start object s3://{event.bucket}/{event.key}: {exc}"
+            ) from exc
+        raise TrainingError(f"reading start object s3://{event.bucket}/{event.key} failed: {exc}") from exc
+    if int(response.get("ContentLength", 0)) > MAX_START_OBJECT_BYTES:
+        raise InvalidEventError(f"start object {event.key!r} is larger than {MAX_START_OBJECT_BYTES} bytes")
+    start = parse_start_object(response["Body"].read(MAX_START_OBJECT_BYTES + 1), event.key)
+    return start_run(start, services, default_run_id=event.run_id, export_bucket=event.bucket)
+
+
+def start_run(
+    event: StartEvent, services: Services, default_run_id: str, export_bucket: str | None = None
+) -> dict[str, Any]:
+    if event.resume:
+        return _resume_run(event, services)
+    cfg = event.config
+    run_id = event.run_id or default_run_id
+    logs.bind_more(run_id=run_id)
+    dataset = dataset_for(cfg, services.layout)  # a missing dataset fails here, before anything is written
+    schedule = Schedule(cfg, len(dataset.train_x))
+    if schedule.shard_size < 1:
+        raise InvalidEventError(f"workers {cfg.workers} exceeds the {len(dataset.train_x)} training examples")
+    if schedule.rounds_per_epoch > schedule.shard_size:
+        raise InvalidEventError(
+            f"rounds_per_epoch {schedule.rounds_per_epoch} exceeds the {schedule.shard_size} examples per worker "
+            "shard; some workers would have nothing to train on"
+        )
+    run = services.status.get_run(run_id)
+    if run is None and services.layout.run_dir(run_id).exists():
+        raise LayoutError(
+            f"{services.layout.run_dir(run_id)} already exists but the status table has no run {run_id!r}; "
+            "delete the folder or choose another run id"
+        )
+    if run is None:
+        weights = initial_weights(cfg, services.layout.root)  # validates a weights file too
+        with contextlib.suppress(CoordinationConflictError):  # a concurrent duplicate won: checked below
+            services.status.create_run(run_id, cfg, schedule.total_rounds, export_bucket)
+            _write_initial_state(run_id, cfg, weights, services.layout)
+            logs.event(log, "run_created", total_rounds=schedule.total_rounds, config=cfg.to_dict())
+        run = require_run(run_id, services)
+    if run.config != cfg:
+        raise CoordinationConflictError(
+            f"run {run_id!r} already exists with another configuration; pick a new 'run' or send \"resume\": true"
+        )
+    if not run.active or run.round_index > 0 or run.fanned_out >= 0:
+        logs.event(log, "duplicate_start_ignored", state=run.state, round=run.round_index)
+        return {"status": "duplicate", "run": run_id, "state": run.state}
+    if not services.layout.weights_path(run_id, 0).exists():  # a crashed first delivery: finish its work
+        _write_initial_state(run_id, cfg, initial_weights(cfg, services.layout.root), services.layout)
+    fan_out(run, 0, services)
+    return {"status": "started", "run": run_id, "workers": cfg.workers, "total_rounds": run.total_rounds}
+
+
+def _write_initial_state(
+    run_id: str, cfg: config.TrainConfig, weights: list[np.ndarray], layout: EfsLayout
+) -> None:
+    write_json(layout.config_path(run_id), cfg.to_dict())
+    size = save_arrays(layout.weights_path(run_id, 0), weights, {"round": 0})
+    logs.event(log, "initial_weights_written", size_bytes=size)
+
+
+def _resume_run(event: StartEvent, services: Services) -> dict[str, Any]:
+    if event.run_id is None:
+        raise InvalidEventError("a resume event needs 'run', the id of the run to continue")
+    logs.bind_more(run_id=event.run_id)
+    if services.status.get_run(event.run_id) is None:
+        raise InvalidEventError(f"run {event.run_id!r} does not exist; nothing to resume")
+    if not services.layout.config_path(event.run_id).exists():
+        raise LayoutError(
+            f"{services.layout.config_path(event.run_id)}: missing; the run's EFS files are gone"
+        )
+    run = services.status.resume_run(event.run_id)
+    logs.event(log, "run_resumed", round=run.round_index, generation=run.generation)
+    fan_out(run, run.round_index, services)
+    return {"status": "resumed", "run": run.run_id, "round": run.round_index}
+
+
+def fan_out(run: RunStatus, round_index: int, services: Services) -> None:
+    schedule = Schedule(run.config, len(dataset_for(run.config, services.layout).train_x))
+    epochs_done = schedule.epoch_of(round_index)
+    events = [
+        WorkerEvent(run.run_id, round_index, worker, run.config.workers, epochs_done).to_wire()
+        for worker in range(run.config.workers)
+    ]
+    services.invoker.invoke_async(events)
+    services.status.mark_fanned_out(run.run_id, round_index)
+    logs.event(log, "workers_invoked", round=round_index, workers=len(events))
+
+
+def stop_run(event: StopEvent, services: Services) -> dict[str, Any]:
+    logs.bind_more(run_id=event.run_id)
+    run = require_run(event.run_id, services)
+    requested = services.status.request_stop(event.run_id)
+    logs.event(log, "stop_requested" if requested else "stop_ignored", state=run.state)
+    return {"status": "stop_requested" if requested else "ignored", "run": event.run_id}
+
+
+# Errors that a retry cannot fix: the event itself is wrong, or another invocation already won.

@@ -1,0 +1,113 @@
+"""What every flow needs: the adapters (EFS layout, status table, invoker, S3), warm-container caches of the
+model and the dataset map, and two lookups that fail clearly (the run item, the round's global weights)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from trainer import config, data, logs, models
+from trainer.coordination import RunStatus, StatusTable
+from trainer.efs_layout import EfsLayout, load_arrays
+from trainer.errors import InvalidEventError, LayoutError
+from trainer.invocation import Invoker, LambdaInvoker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """Everything a flow touches outside memory; tests build their own."""
+
+    layout: EfsLayout
+    status: StatusTable
+    invoker: Invoker
+    environment: config.Environment
+    s3: Any = None
+
+    @classmethod
+    def from_environment(cls, environment: config.Environment) -> Services:
+        return cls(
+            layout=EfsLayout(environment.efs_root),
+            status=StatusTable.from_name(environment.status_table),
+            invoker=LambdaInvoker(environment.function_name),
+            environment=environment,
+        )
+
+    def s3_client(self) -> Any:
+        if self.s3 is None:
+            import boto3
+
+            self.s3 = boto3.client("s3")
+        return self.s3
+
+
+# --- warm-container caches ------------------------------------------------------------------------------
+
+_models: dict[tuple[Any, ...], keras.Model] = {}
+
+
+def _model_key(cfg: config.TrainConfig) -> tuple[Any, ...]:
+    return (cfg.model, cfg.width, cfg.image_size, cfg.weights, cfg.momentum, cfg.weight_decay)
+
+
+def _build(cfg: config.TrainConfig, efs_root: Path) -> keras.Model:
+    began = time.perf_counter()
+    model = models.build_model(cfg, efs_root)
+    logs.event(
+        log,
+        "model_built",
+        model=cfg.model,
+        width=cfg.width,
+        parameters=models.count_parameters(model),
+        duration_s=round(time.perf_counter() - began, 3),
+    )
+    return model
+
+
+def model_for(cfg: config.TrainConfig, efs_root: Path) -> keras.Model:
+    """The compiled model for a configuration, built once per container and reused while warm."""
+    key = _model_key(cfg)
+    cold = key not in _models
+    if cold:
+        _models.clear()  # one model per container: memory is for vCPUs, not for a zoo
+        _models[key] = _build(cfg, efs_root)
+    logs.bind_more(container="cold" if cold else "warm")
+    return _models[key]
+
+
+def initial_weights(cfg: config.TrainConfig, efs_root: Path) -> list[np.ndarray]:
+    """Round-0 weights from the seed. A warm container's cached (already traced) model is left as it is."""
+    model = _build(cfg, efs_root)
+    if _model_key(cfg) not in _models:  # keep a warm container's traced model; never hold two
+        _models.clear()
+        _models[_model_key(cfg)] = model
+    return model.get_weights()
+
+
+def dataset_for(cfg: config.TrainConfig, layout: EfsLayout) -> data.Dataset:
+    return data.open_dataset(layout.dataset_dir(cfg.dataset)).limited(cfg.train_samples, cfg.test_samples)
+
+
+# --- helpers --------------------------------------------------------------------------------------------
+
+
+def require_run(run_id: str, services: Services) -> RunStatus:
+    run = services.status.get_run(run_id)
+    if run is None:
+        raise InvalidEventError(f"run {run_id!r} does not exist (start it first)")
+    return run
+
+
+def load_global_weights(path: Path, model: keras.Model) -> list[np.ndarray]:
+    arrays, _ = load_arrays(path)
+    expected = [tuple(variable.shape) for variable in model.weights]
+    if [tuple(array.shape) for array in arrays] != expected:
+        raise LayoutError(f"{path}: {len(arrays)} arrays do not match the model's {len(expected)} weights")
+    return arrays
