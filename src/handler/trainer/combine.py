@@ -41,9 +41,6 @@ log = logging.getLogger(__name__)
 MODEL_PREFIX = "models/"  # where runs started from S3 export final.keras, in the start object's bucket
 
 
-# --- combine --------------------------------------------------------------------------------------------
-
-
 def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
     logs.bind_more(run_id=event.run_id, round=event.round_index)
     run = require_run(event.run_id, services)

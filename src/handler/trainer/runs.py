@@ -131,6 +131,9 @@ def fan_out(run: RunStatus, round_index: int, services: Services) -> None:
     logs.event(log, "workers_invoked", round=round_index, workers=len(events))
 
 
+# --- stop ------------------------------------------------------------------------------------------------
+
+
 def stop_run(event: StopEvent, services: Services) -> dict[str, Any]:
     logs.bind_more(run_id=event.run_id)
     run = require_run(event.run_id, services)

@@ -28,8 +28,6 @@ from trainer.services import Services, dataset_for, load_global_weights, model_f
 
 log = logging.getLogger(__name__)
 
-# --- worker ---------------------------------------------------------------------------------------------
-
 
 def run_worker(event: WorkerEvent, services: Services, context: Any) -> dict[str, Any]:
     logs.bind_more(run_id=event.run_id, worker_index=event.worker_index, round=event.round_index)
