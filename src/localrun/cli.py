@@ -267,17 +267,15 @@ def run_local(args: argparse.Namespace) -> int:
         log.info(
             "local_run_started",
             extra={
-                "fields": {
-                    "run_id": run_id,
-                    "start_event": start_event,
-                    "concurrency": args.concurrency,
-                    "timeout_s": settings.timeout_s,
-                    "maximum_retry_attempts": settings.maximum_retry_attempts,
-                    "failure_destination": settings.failure_destination,
-                    "lambda_endpoint_url": api.endpoint_url,
-                    "dynamodb_endpoint_url": database.endpoint_url,
-                    "efs_root": str(paths.efs_root),
-                }
+                "run_id": run_id,
+                "start_event": start_event,
+                "concurrency": args.concurrency,
+                "timeout_s": settings.timeout_s,
+                "maximum_retry_attempts": settings.maximum_retry_attempts,
+                "failure_destination": settings.failure_destination,
+                "lambda_endpoint_url": api.endpoint_url,
+                "dynamodb_endpoint_url": database.endpoint_url,
+                "efs_root": str(paths.efs_root),
             },
         )
 

@@ -115,11 +115,9 @@ class DynamoDBLocal:
                 port_taken = "Address already in use" in str(exc) or "BindException" in str(exc)
                 if attempt == attempts or not port_taken:
                     raise
-                log.warning("dynamodb_local_port_taken", extra={"fields": {"port": self.port}})
+                log.warning("dynamodb_local_port_taken", extra={"port": self.port})
         atexit.register(self.stop)  # a last resort against an orphan Java process
-        log.info(
-            "dynamodb_local_started", extra={"fields": {"endpoint_url": self.endpoint_url, "pid": self.pid}}
-        )
+        log.info("dynamodb_local_started", extra={"endpoint_url": self.endpoint_url, "pid": self.pid})
         return self
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -132,7 +130,7 @@ class DynamoDBLocal:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-            log.info("dynamodb_local_stopped", extra={"fields": {"pid": process.pid}})
+            log.info("dynamodb_local_stopped", extra={"pid": process.pid})
         self._close_output()
         atexit.unregister(self.stop)
 
@@ -253,5 +251,5 @@ def create_table(
     client.get_waiter("table_exists").wait(
         TableName=table_name, WaiterConfig={"Delay": 0.2, "MaxAttempts": 100}
     )
-    log.info("table_created", extra={"fields": {"table": table_name, "template": str(template_path)}})
+    log.info("table_created", extra={"table": table_name, "template": str(template_path)})
     return True

@@ -106,7 +106,7 @@ class FaultPlan:
                     fault.applied += 1
                     log.warning(
                         "fault_injected",
-                        extra={"fields": {"action": action, "seconds": fault.seconds, "event": event}},
+                        extra={"action": action, "seconds": fault.seconds, "event": event},
                     )
                     return fault
         return None

@@ -175,7 +175,7 @@ class LocalFunction:
             self._queue.clear()
             self._condition.notify_all()
         if dropped:
-            log.warning("queued_events_dropped", extra={"fields": {"count": dropped}})
+            log.warning("queued_events_dropped", extra={"count": dropped})
         self.pool.close()
         for thread in self._dispatchers:
             thread.join(timeout=5.0)
@@ -191,7 +191,7 @@ class LocalFunction:
     def _enqueue(self, item: _QueuedEvent) -> None:
         with self._condition:
             if self._closed:
-                log.warning("event_dropped_on_shutdown", extra={"fields": {"request_id": item.request_id}})
+                log.warning("event_dropped_on_shutdown", extra={"request_id": item.request_id})
                 return
             item.sequence = next(self._sequence)
             heapq.heappush(self._queue, item)
@@ -213,7 +213,7 @@ class LocalFunction:
             try:
                 self._deliver(item)
             except Exception:  # a bug here must not silently stop a dispatcher
-                log.exception("dispatch_failed", extra={"fields": {"request_id": item.request_id}})
+                log.exception("dispatch_failed", extra={"request_id": item.request_id})
             finally:
                 self._finish_one()
 
@@ -227,14 +227,12 @@ class LocalFunction:
         if item.attempt <= self.async_config.maximum_retry_attempts:
             log.warning(
                 "event_retry_scheduled",
-                extra={"fields": {"request_id": item.request_id, "attempt": item.attempt + 1}},
+                extra={"request_id": item.request_id, "attempt": item.attempt + 1},
             )
             due = time.monotonic() + self.async_config.retry_delay_s
             self._enqueue(_QueuedEvent(due, 0, item.request_id, item.payload, item.attempt + 1))
         elif item.failure_record:
-            log.error(
-                "failure_record_failed", extra={"fields": {"request_id": item.request_id, **result.error()}}
-            )
+            log.error("failure_record_failed", extra={"request_id": item.request_id, **result.error()})
         elif self.async_config.deliver_failure_records:
             record = failure_record(self.config.arn, item.request_id, event, item.attempt, result.error())
             if self.async_config.failure_destination == SQS_DESTINATION:

@@ -81,7 +81,7 @@ class LambdaApiServer:
             daemon=True,
         )
         self._thread.start()
-        log.info("lambda_api_started", extra={"fields": {"endpoint_url": self.endpoint_url}})
+        log.info("lambda_api_started", extra={"endpoint_url": self.endpoint_url})
         return self
 
     def close(self) -> None:
@@ -175,7 +175,7 @@ class _InvokeHandler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_GET
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http_request", extra={"fields": {"line": format % args}})
+        log.debug("http_request", extra={"line": format % args})
 
     def _read_body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)

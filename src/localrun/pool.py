@@ -147,13 +147,11 @@ class WorkerPool:
             log.info(
                 "invocation_finished",
                 extra={
-                    "fields": {
-                        "request_id": request_id,
-                        "pid": worker.pid,
-                        "cold": cold,
-                        "duration_s": round(result.duration_s, 3),
-                        "error_type": result.error().get("errorType"),
-                    }
+                    "request_id": request_id,
+                    "pid": worker.pid,
+                    "cold": cold,
+                    "duration_s": round(result.duration_s, 3),
+                    "error_type": result.error().get("errorType"),
                 },
             )
             return result
@@ -246,7 +244,7 @@ class WorkerPool:
             return _failure(request_id, "Runtime.Unavailable", "the local runtime is shutting down")
         log.info(
             "worker_started",
-            extra={"fields": {"pid": worker.pid, "init_duration_s": round(ready.init_duration_s, 3)}},
+            extra={"pid": worker.pid, "init_duration_s": round(ready.init_duration_s, 3)},
         )
         return worker
 
@@ -273,9 +271,7 @@ class WorkerPool:
 
         self._retire(worker)
         if reply is _TIMED_OUT and (kill_at is None or kill_at >= deadline):
-            log.warning(
-                "invocation_timed_out", extra={"fields": {"request_id": request_id, "pid": worker.pid}}
-            )
+            log.warning("invocation_timed_out", extra={"request_id": request_id, "pid": worker.pid})
             return _failure(
                 request_id, "Sandbox.Timedout", f"Task timed out after {timeout_s:.2f} seconds", **meta
             )
@@ -284,7 +280,7 @@ class WorkerPool:
         description = "signal: killed" if reply is _TIMED_OUT else _exit_description(worker.process)
         log.warning(
             "worker_exited",
-            extra={"fields": {"request_id": request_id, "pid": worker.pid, "exit": description}},
+            extra={"request_id": request_id, "pid": worker.pid, "exit": description},
         )
         return _failure(request_id, "Runtime.ExitError", f"Runtime exited with error: {description}", **meta)
 

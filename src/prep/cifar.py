@@ -124,7 +124,7 @@ def prepare_dataset(
     if existing is not None:
         source_sha256 = reader.sha256()
         if existing["source"]["sha256"] == source_sha256:
-            logger.info("dataset_up_to_date", extra={"fields": {"out_dir": str(out_dir)}})
+            logger.info("dataset_up_to_date", extra={"out_dir": str(out_dir)})
             return PreparedDataset(existing, out_dir, rebuilt=False, duration_s=time.monotonic() - started)
     else:
         source_sha256 = None
@@ -134,8 +134,8 @@ def prepare_dataset(
     duration_s = time.monotonic() - started
     logger.info(
         "dataset_prepared",
-        extra={"fields": {"out_dir": str(out_dir), "duration_s": round(duration_s, 3),
-                          "train_images": len(decoded.train_labels), "test_images": len(decoded.test_labels)}},
+        extra={"out_dir": str(out_dir), "duration_s": round(duration_s, 3),
+                          "train_images": len(decoded.train_labels), "test_images": len(decoded.test_labels)},
     )  # fmt: skip
     return PreparedDataset(result, out_dir, rebuilt=True, duration_s=duration_s)
 

@@ -13,7 +13,6 @@ Errors print one line, ``error: ...``, on stderr and exit with status 1.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from prep import cifar, download, manifest, stage, upload
 from prep.errors import PrepError
+from trainer import logs
 
 
 def main_parser() -> argparse.ArgumentParser:
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     if args.verbose:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_FieldsFormatter("%(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logs.JsonFormatter())
         logging.getLogger("prep").addHandler(handler)
         logging.getLogger("prep").setLevel(logging.INFO)
     try:
@@ -135,15 +135,6 @@ def _check_cloud_arguments(args: argparse.Namespace) -> upload.S3Location | None
     if not stage.NAME_PATTERN.fullmatch(args.dataset):
         raise PrepError(f"--dataset must match [A-Za-z0-9_-]{{1,64}}, got {args.dataset!r}")
     return upload.S3Location.parse(args.s3_uri)
-
-
-class _FieldsFormatter(logging.Formatter):
-    """Plain log lines followed by the event's fields (``extra={"fields": {...}}``) as JSON."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        fields = getattr(record, "fields", None)
-        return f"{text} {json.dumps(fields, default=str)}" if fields else text
 
 
 def entrypoint() -> None:

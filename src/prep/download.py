@@ -56,9 +56,9 @@ def fetch_archive(
 
     if final.is_file():
         if file_md5(final) == expected_md5:
-            logger.info("archive_reused", extra={"fields": {"path": str(final)}})
+            logger.info("archive_reused", extra={"path": str(final)})
             return final
-        logger.warning("cached_archive_md5_mismatch", extra={"fields": {"path": str(final)}})
+        logger.warning("cached_archive_md5_mismatch", extra={"path": str(final)})
         final.unlink()
 
     try:
@@ -76,9 +76,7 @@ def fetch_archive(
         )
     os.replace(partial, final)
     stage.fsync_directory(cache_dir)
-    logger.info(
-        "archive_downloaded", extra={"fields": {"path": str(final), "size_bytes": final.stat().st_size}}
-    )
+    logger.info("archive_downloaded", extra={"path": str(final), "size_bytes": final.stat().st_size})
     return final
 
 
@@ -100,7 +98,7 @@ def _download_resumable(url: str, partial: Path, timeout_s: float) -> None:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:  # nothing after `offset`: the partial file is already whole
-            logger.info("download_already_complete", extra={"fields": {"size_bytes": offset}})
+            logger.info("download_already_complete", extra={"size_bytes": offset})
             return
         raise PrepError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, OSError) as exc:

@@ -82,11 +82,9 @@ def read_complete_manifest(directory: Path) -> dict[str, Any] | None:
             entry = arrays[name]
             on_disk = np.load(directory / entry["file"], mmap_mode="r", allow_pickle=False)
             if list(on_disk.shape) != entry["shape"] or on_disk.dtype.name != entry["dtype"]:
-                logger.warning("existing_array_mismatch", extra={"fields": {"file": entry["file"]}})
+                logger.warning("existing_array_mismatch", extra={"file": entry["file"]})
                 return None
     except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
-        logger.warning(
-            "existing_dataset_unreadable", extra={"fields": {"path": str(path), "error": str(exc)}}
-        )
+        logger.warning("existing_dataset_unreadable", extra={"path": str(path), "error": str(exc)})
         return None
     return manifest

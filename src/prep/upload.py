@@ -128,7 +128,7 @@ def upload_dataset(
     manifest_path = out_dir / manifest.MANIFEST_FILE
     sent += _upload_file(s3_client, location, manifest_path, None)
     uploaded.append(manifest.MANIFEST_FILE)
-    logger.info("dataset_uploaded", extra={"fields": {"uri": location.uri(), "size_bytes": sent}})
+    logger.info("dataset_uploaded", extra={"uri": location.uri(), "size_bytes": sent})
     return UploadSummary(uploaded=uploaded, skipped=skipped, size_bytes=sent)
 
 
