@@ -4,30 +4,33 @@ Configured by environment only (``trainer.config``); boto3 reaches DynamoDB Loca
 ``AWS_ENDPOINT_URL_DYNAMODB`` / ``AWS_ENDPOINT_URL_LAMBDA``, so this file is the same in the cloud and on a laptop.
 """
 
-import os
+from trainer import config
 
-# Before TensorFlow loads: oneDNN kernels (2.5x on x86 CPUs), quiet C++ logs, the TensorFlow backend by default.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+config.set_tensorflow_defaults()  # before anything below imports TensorFlow
 
-import logging
-from typing import Any
+import logging  # noqa: E402
+from typing import Any  # noqa: E402
 
-from trainer import combine, config, errors, failures, logs, protocol, runs, worker
-from trainer import services as services_module
+from trainer import combine, errors, failures, logs, protocol, runs, worker  # noqa: E402
+from trainer.services import Services  # noqa: E402
 
 logs.setup()
 log = logging.getLogger("app")
-_services: dict[config.Environment, services_module.Services] = {}
+_services: dict[config.Environment, Services] = {}
 
 
 def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
+    return handle(event, context)
+
+
+def handle(event: Any, context: Any, services: Services | None = None) -> dict[str, Any]:
+    """Handle one event. ``services``: the adapters to use (tests hand in their own); by default they are built
+    from the environment once per container."""
     request_id = getattr(context, "aws_request_id", None) or "local"
     logs.bind(request_id=request_id)
     try:
         parsed = protocol.parse_event(event)
-        services = _services_for(config.load())
+        services = services or services_for(config.load())
         match parsed:
             case protocol.StartEvent():
                 return runs.start_run(parsed, services, default_run_id=f"run-{request_id[:8]}")
@@ -47,13 +50,11 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
     except Exception:  # a bug or an outage: keep the traceback
         log.exception("invocation_failed")
         raise
-    raise AssertionError(
-        f"unrouted event {type(parsed).__name__}"
-    )  # unreachable: parse_event returns one of the above
+    raise AssertionError(f"unrouted event {type(parsed).__name__}")  # parse_event returns one of the above
 
 
-def _services_for(environment: config.Environment) -> services_module.Services:
-    """Clients are created once per container (and per environment, for tests)."""
+def services_for(environment: config.Environment) -> Services:
+    """The adapters for an environment, created once per container (and per environment, for tests)."""
     if environment not in _services:
-        _services[environment] = services_module.Services.from_environment(environment)
+        _services[environment] = Services.from_environment(environment)
     return _services[environment]

@@ -499,7 +499,7 @@ class Monitor:
             self.bar.write(f"warning: cannot read the status table: {exc}")
         return self.snapshot
 
-    def watch(self, previous_run: dict[str, Any] | None = None) -> Outcome:
+    def watch(self, previous_run: coordination.RunStatus | None = None) -> Outcome:
         """Poll until the run ends, stalls or is aborted. ``previous_run``: the item before a resume, whose
         old terminal state must not be mistaken for the resumed run's end."""
         interrupts = _Interrupts()
@@ -581,16 +581,18 @@ class _Interrupts:
 # --- helpers ---------------------------------------------------------------------------------------------
 
 
-def _check_run_id(status: coordination.StatusTable, run_id: str, resume: bool) -> dict[str, Any] | None:
-    """Refuse a start that the trainer would refuse, before any process starts; return the existing item."""
-    run = status.get_run_item(run_id)
+def _check_run_id(
+    status: coordination.StatusTable, run_id: str, resume: bool
+) -> coordination.RunStatus | None:
+    """Refuse a start that the trainer would refuse, before any process starts; return the existing run."""
+    run = status.get_run(run_id)
     if resume and run is None:
         raise LocalRuntimeError(f"run {run_id!r} does not exist in this state directory; nothing to resume")
-    if resume and run["state"] == coordination.SUCCEEDED:
+    if resume and run.state == coordination.SUCCEEDED:
         raise LocalRuntimeError(f"run {run_id!r} already SUCCEEDED; nothing to resume")
     if not resume and run is not None:
         raise LocalRuntimeError(
-            f"run {run_id!r} already exists ({run['state']}); continue it with --resume {run_id} or pick another --run"
+            f"run {run_id!r} already exists ({run.state}); continue it with --resume {run_id} or pick another --run"
         )
     return run
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import sys
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TextIO
 
 from tqdm import tqdm
 
@@ -18,50 +18,49 @@ from trainer import coordination
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The run item and its round items at one moment (numbers already plain ``int``/``float``)."""
+    """The run item and its round items at one moment."""
 
     run_id: str
-    run: dict[str, Any] | None
-    rounds: list[dict[str, Any]] = field(default_factory=list)
+    run: coordination.RunStatus | None
+    rounds: list[coordination.RoundRecord] = field(default_factory=list)
 
     @property
     def state(self) -> str | None:
-        return self.run.get("state") if self.run else None
+        return self.run.state if self.run else None
 
     @property
     def terminal(self) -> bool:
-        return self.state in coordination.TERMINAL_STATES
+        return self.run is not None and self.run.terminal
 
     @property
-    def completed_rounds(self) -> list[dict[str, Any]]:
+    def completed_rounds(self) -> list[coordination.RoundRecord]:
         """Rounds whose combine finished (a round item exists as soon as one worker registers)."""
-        return [item for item in self.rounds if item.get("completed_at")]
+        return [record for record in self.rounds if record.completed]
 
     @property
     def total_rounds(self) -> int:
-        return int(self.run.get("total_rounds", 0)) if self.run else 0
+        return self.run.total_rounds if self.run else 0
 
     @property
     def total_epochs(self) -> int:
-        if not self.run:
-            return 0
-        rounds_per_epoch = max(1, int(self.run.get("rounds_per_epoch", 1)))
-        return max(1, self.total_rounds // rounds_per_epoch)
+        return self.run.config.epochs if self.run else 0
 
     @property
     def epochs_done(self) -> int:
-        return int(self.run.get("epochsdone", 0)) if self.run else 0
+        return self.run.epochs_done if self.run else 0
 
-    def latest(self, key: str) -> float | None:
-        """The newest value of ``key`` among completed rounds (test metrics exist only on evaluated rounds)."""
-        for item in reversed(self.completed_rounds):
-            if item.get(key) is not None:
-                return float(item[key])
+    def latest(self, metric: str) -> float | None:
+        """The newest value of a :class:`~trainer.coordination.RoundMetrics` field among completed rounds (test
+        metrics exist only on evaluated rounds)."""
+        for record in reversed(self.completed_rounds):
+            value = getattr(record.metrics, metric, None)
+            if value is not None:
+                return float(value)
         return None
 
 
 def read_snapshot(status: coordination.StatusTable, run_id: str) -> Snapshot:
-    run = status.get_run_item(run_id)
+    run = status.get_run(run_id)
     return Snapshot(run_id, run, status.list_rounds(run_id) if run else [])
 
 
@@ -154,19 +153,16 @@ class Summary:
 
 def summarize(snapshot: Snapshot, wall_time_s: float) -> Summary:
     """Final figures: accuracy from the run item (else the last evaluated round) and seconds per phase."""
-    run = snapshot.run or {}
-    phase_seconds: collections.Counter[str] = (
-        collections.Counter()
-    )  # phases in the order the trainer wrote them
-    for item in snapshot.completed_rounds:
-        for phase, seconds in (item.get("duration_s") or {}).items():
+    phase_seconds: collections.Counter[str] = collections.Counter()  # in the order the trainer wrote them
+    for record in snapshot.completed_rounds:
+        for phase, seconds in (record.metrics.duration_s if record.metrics else {}).items():
             phase_seconds[phase] += float(seconds)
-    accuracy = run.get("test_accuracy")
-    loss = run.get("test_loss")
+    run_summary = snapshot.run.summary if snapshot.run else coordination.RunSummary()
+    accuracy, loss = run_summary.test_accuracy, run_summary.test_loss
     return Summary(
         run_id=snapshot.run_id,
         state=snapshot.state,
-        reason=run.get("reason"),
+        reason=snapshot.run.reason if snapshot.run else None,
         rounds_done=len(snapshot.completed_rounds),
         total_rounds=snapshot.total_rounds,
         epochs_done=snapshot.epochs_done,
@@ -174,7 +170,7 @@ def summarize(snapshot: Snapshot, wall_time_s: float) -> Summary:
         test_loss=float(loss) if loss is not None else snapshot.latest("test_loss"),
         wall_time_s=wall_time_s,
         phase_seconds=dict(phase_seconds),
-        final_model=run.get("final_model") if snapshot.state == coordination.SUCCEEDED else None,
+        final_model=run_summary.final_model if snapshot.state == coordination.SUCCEEDED else None,
     )
 
 

@@ -44,12 +44,12 @@ def test_local_run_trains_on_the_fixture_and_leaves_nothing_running(
         db_path=state_dir / "dynamodb"
     ) as database:  # what the run left on disk
         status = coordination.StatusTable(database.resource().Table(cli.DEFAULT_TABLE))
-        run = status.get_run_item("tiny")
+        run = status.get_run("tiny")
         rounds = status.list_rounds("tiny")
-    assert run is not None and run["state"] == coordination.SUCCEEDED
-    assert [item["round"] for item in rounds] == [0, 1]
-    assert all(item.get("completed_at") and item.get("duration_s") for item in rounds)
-    assert "test_accuracy" in rounds[-1]  # evaluated at the end of the epoch
+    assert run is not None and run.state == coordination.SUCCEEDED
+    assert [record.round_index for record in rounds] == [0, 1]
+    assert all(record.completed and record.metrics.duration_s for record in rounds)
+    assert rounds[-1].metrics.test_accuracy is not None  # evaluated at the end of the epoch
 
 
 @pytest.mark.slow

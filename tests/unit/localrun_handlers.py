@@ -87,93 +87,62 @@ def read_notes(notes_dir: Path) -> list[dict[str, Any]]:
 
 
 def fake_trainer(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    """Start / round / stop events over the real table layout; ``FAKE_ROUND_S`` seconds per round."""
-    import boto3
+    """Start / round / stop events through the real status table class; ``FAKE_ROUND_S`` seconds per round."""
+    from trainer import coordination, protocol
+    from trainer.errors import CoordinationConflictError
 
-    table = boto3.resource("dynamodb").Table(os.environ["STATUS_TABLE"])
+    status = coordination.StatusTable.from_name(os.environ["STATUS_TABLE"])
     if "requestPayload" in event or "Records" in event:
         return {"ignored": "failure record"}
     run_id = event["run"]
-    key = {"pk": f"RUN#{run_id}", "sk": "RUN"}
     if event.get("stop"):
-        with contextlib.suppress(table.meta.client.exceptions.ConditionalCheckFailedException):
-            table.update_item(
-                Key=key,
-                UpdateExpression="SET #s = :stop",
-                ConditionExpression="#s = :running",
-                ExpressionAttributeNames={"#s": "state"},
-                ExpressionAttributeValues={":stop": "STOP_REQUESTED", ":running": "RUNNING"},
-            )
+        status.request_stop(run_id)
         return {"stop": True}
     if event.get("start") and event.get("resume"):
-        run = table.update_item(
-            Key=key,
-            UpdateExpression="SET #s = :running",
-            ExpressionAttributeNames={"#s": "state"},
-            ExpressionAttributeValues={":running": "RUNNING"},
-            ReturnValues="ALL_NEW",
-        )["Attributes"]
-        _invoke_self({"fake_round": int(run["round"]), "run": run_id})
+        run = status.resume_run(run_id)
+        _invoke_self({"fake_round": run.round_index, "run": run_id})
         return {"resumed": True}
     if event.get("start"):
-        rounds_per_epoch = int(event.get("rounds_per_epoch", 1))
-        table.put_item(
-            Item={
-                **key,
-                "state": "RUNNING",
-                "round": 0,
-                "total_rounds": int(event.get("epochs", 1)) * rounds_per_epoch,
-                "rounds_per_epoch": rounds_per_epoch,
-                "epochsdone": 0,
-                "workers": int(event["workers"]),
-            }
-        )
+        config = protocol.parse_start(event).config
+        status.create_run(coordination.RunStatus.new(run_id, config, num_train=1_000))
         _invoke_self({"fake_round": 0, "run": run_id})
         return {"started": True}
 
     round_index = int(event["fake_round"])
-    run = table.get_item(Key=key, ConsistentRead=True)["Item"]
-    if run["state"] == "STOP_REQUESTED":
-        table.update_item(
-            Key=key,
-            UpdateExpression="SET #s = :stopped",
-            ExpressionAttributeNames={"#s": "state"},
-            ExpressionAttributeValues={":stopped": "STOPPED"},
+    run = status.get_run(run_id)
+    if run.state == coordination.STOP_REQUESTED:
+        status.advance_run(
+            run, run.round_index, run.epochs_done, coordination.STOPPED, coordination.RunSummary()
         )
         return {"stopped": True}
     # Marker files let a test time its Ctrl-C.
     Path(os.environ["EFS_ROOT"], f"{run_id}-round-{round_index}.started").touch()
     time.sleep(float(os.environ.get("FAKE_ROUND_S", "0")))
     done = round_index + 1
-    epochs_done = done // int(run["rounds_per_epoch"])
-    accuracy = f"{0.1 + 0.1 * done:.2f}"
-    table.put_item(
-        Item={
-            "pk": key["pk"],
-            "sk": f"ROUND#{round_index:06d}",
-            "round": round_index,
-            "epochsdone": epochs_done,
-            "train_loss": _decimal(f"{2.0 / done:.3f}"),
-            "test_accuracy": _decimal(accuracy),
-            "duration_s": {"load": _decimal("0.5"), "compute": _decimal("2.0")},
-            "completed_at": "2026-01-01T00:00:00+00:00",
-        }
+    epochs_done = done // run.schedule.rounds_per_epoch
+    accuracy = round(0.1 + 0.1 * done, 2)
+    metrics = coordination.RoundMetrics(
+        epochs_done=epochs_done,
+        samples=run.num_train,
+        train_loss=round(2.0 / done, 3),
+        duration_s={"load": 0.5, "compute": 2.0},
+        bytes_read=0,
+        bytes_written=0,
+        test_accuracy=accuracy,
     )
+    status.record_round(run_id, round_index, metrics)
+    status.mark_round_completed(run_id, round_index)
     Path(os.environ["EFS_ROOT"], f"{run_id}-round-{round_index}.done").touch()
-    last = done >= int(run["total_rounds"])
+    last = done >= run.total_rounds
     final_model = str(Path(os.environ["EFS_ROOT"]) / "runs" / run_id / "final.keras")
-    finish = ", #s = :succeeded, final_model = :f" if last else ""  # never clobber a STOP_REQUESTED
-    table.update_item(
-        Key=key,
-        UpdateExpression=f"SET #r = :r, epochsdone = :e, test_accuracy = :a{finish}",
-        ExpressionAttributeNames={"#r": "round", **({"#s": "state"} if last else {})},
-        ExpressionAttributeValues={
-            ":r": done,
-            ":e": epochs_done,
-            ":a": _decimal(accuracy),
-            **({":succeeded": "SUCCEEDED", ":f": final_model} if last else {}),
-        },
-    )
+    summary = coordination.RunSummary(test_accuracy=accuracy, final_model=final_model if last else None)
+    while True:  # a stop requested meanwhile is kept (the next round honours it); the last round succeeds
+        new_state = coordination.SUCCEEDED if last else run.state
+        try:
+            status.advance_run(run, done, epochs_done, new_state, summary)
+            break
+        except CoordinationConflictError:
+            run = status.get_run(run_id)
     if not last:
         _invoke_self({"fake_round": done, "run": run_id})
     return {"round": round_index}
@@ -185,12 +154,6 @@ def _invoke_self(event: dict[str, Any]) -> None:
     boto3.client("lambda").invoke(
         FunctionName=os.environ["AWS_LAMBDA_FUNCTION_NAME"], InvocationType="Event", Payload=json.dumps(event)
     )
-
-
-def _decimal(text: str) -> Any:
-    from decimal import Decimal
-
-    return Decimal(text)
 
 
 # --- test-side helpers -------------------------------------------------------------------------------------

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import threading
+import dataclasses
 from typing import Any
 
 import pytest
 
 from trainer.config import TrainConfig
-from trainer.coordination import STOP_REQUESTED, STOPPED, StatusTable
-from trainer.errors import CoordinationConflictError
+from trainer.coordination import (
+    STOP_REQUESTED,
+    STOPPED,
+    RoundMetrics,
+    RunStatus,
+    RunSummary,
+    StatusTable,
+)
+from trainer.errors import CoordinationConflictError, LayoutError
+from trainer_harness import race
 
 
 @pytest.fixture
@@ -17,32 +25,23 @@ def status(table: Any) -> StatusTable:
     return StatusTable(table)
 
 
-def race(count: int, action) -> list[Any]:
-    """Run ``action(i)`` in ``count`` threads released at the same instant."""
-    barrier = threading.Barrier(count)
-    results: list[Any] = [None] * count
-
-    def run(index: int) -> None:
-        barrier.wait()
-        results[index] = action(index)
-
-    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
+def create(status: StatusTable, run_id: str, **config: Any) -> RunStatus:
+    """Create a run over 100 training examples (4 rounds with the default 2 epochs of 2 rounds)."""
+    config = {"epochs": 2, "rounds_per_epoch": 2, **config}
+    run = RunStatus.new(run_id, TrainConfig(**config), num_train=100)
+    status.create_run(run)
+    return run
 
 
 def test_second_create_with_the_same_id_conflicts(status: StatusTable) -> None:
-    status.create_run("r", TrainConfig(workers=2), total_rounds=4)
+    create(status, "r", workers=2)
     with pytest.raises(CoordinationConflictError, match="already exists"):
-        status.create_run("r", TrainConfig(workers=3), total_rounds=4)
+        create(status, "r", workers=3)
     assert status.get_run("r").config.workers == 2
 
 
 def test_concurrent_registrations_are_all_counted_and_one_claim_wins(status: StatusTable) -> None:
-    status.create_run("r", TrainConfig(workers=8), total_rounds=1)
+    create(status, "r", workers=8)
     race(8, lambda worker: status.register_worker("r", 0, worker))
     assert status.register_worker("r", 0, 3) == set(range(8))  # registering again is idempotent
     claims = race(8, lambda worker: status.claim_combine("r", 0, 1, worker, 1))
@@ -50,7 +49,7 @@ def test_concurrent_registrations_are_all_counted_and_one_claim_wins(status: Sta
 
 
 def test_only_the_claimant_retrying_may_claim_again(status: StatusTable) -> None:
-    status.create_run("r", TrainConfig(workers=2), total_rounds=1)
+    create(status, "r", workers=2)
     status.register_worker("r", 0, 0)
     assert status.claim_combine("r", 0, 1, worker_index=1, attempt=1)
     assert not status.claim_combine("r", 0, 1, worker_index=0, attempt=2)
@@ -59,38 +58,103 @@ def test_only_the_claimant_retrying_may_claim_again(status: StatusTable) -> None
 
 
 def test_round_advances_once_under_concurrent_commits(status: StatusTable) -> None:
-    status.create_run("r", TrainConfig(workers=2, epochs=2), total_rounds=4)
+    create(status, "r", workers=2)
     run = status.get_run("r")
 
     def commit(_: int) -> bool:
         try:
-            status.advance_run(run, 1, 0, "RUNNING", {"test_accuracy": 0.5})
+            status.advance_run(run, 1, 0, "RUNNING", RunSummary(test_accuracy=0.5))
         except CoordinationConflictError:
             return False
         return True
 
     assert race(6, commit).count(True) == 1
     assert status.get_run("r").round_index == 1
-    assert status.get_run_item("r")["test_accuracy"] == 0.5
+    assert status.get_run("r").summary == RunSummary(test_accuracy=0.5)
 
 
 def test_registration_after_the_combine_is_refused(status: StatusTable) -> None:
-    status.create_run("r", TrainConfig(workers=1), total_rounds=2)
+    create(status, "r", workers=1)
     status.register_worker("r", 0, 0)
-    status.record_round("r", 0, {"completed_at": "now", "train_loss": 1.25})
+    metrics = RoundMetrics(
+        epochs_done=0, samples=100, train_loss=1.25, duration_s={"load": 0.5}, bytes_read=10, bytes_written=20
+    )
+    status.record_round("r", 0, metrics)
+    status.mark_round_completed("r", 0)
     with pytest.raises(CoordinationConflictError, match="already combined"):
         status.register_worker("r", 0, 0)
-    assert status.list_rounds("r")[0]["train_loss"] == 1.25
+    (record,) = status.list_rounds("r")
+    assert record.metrics == metrics and record.completed and record.done == {0}
 
 
 def test_stop_flag_and_failure_apply_only_to_active_runs(status: StatusTable) -> None:
-    status.create_run("r", TrainConfig(workers=1), total_rounds=2)
+    create(status, "r", workers=1)
     assert status.request_stop("r")
     assert not status.request_stop("r")  # already flagged
     run = status.get_run("r")
     assert run.state == STOP_REQUESTED
-    status.advance_run(run, 1, 0, STOPPED, {})
+    status.advance_run(run, 1, 0, STOPPED, RunSummary())
     assert not status.fail_run("r", "late failure")
     assert status.get_run("r").state == STOPPED
     resumed = status.resume_run("r")
     assert resumed.state == "RUNNING" and resumed.generation == 2
+
+
+# --- the records, as pure functions -----------------------------------------------------------------------
+
+
+def run_at(state: str = "RUNNING", round_index: int = 3, fanned_out: int = 3) -> RunStatus:
+    run = RunStatus.new("r", TrainConfig(workers=2, epochs=2, rounds_per_epoch=2), num_train=100)
+    return dataclasses.replace(run, state=state, round_index=round_index, fanned_out=fanned_out)
+
+
+@pytest.mark.parametrize(
+    ("run", "round_index", "current", "awaits_fan_out"),
+    [
+        (run_at(), 3, True, False),
+        (run_at(), 2, False, False),  # round 2 committed and round 3 fanned out: a stale event
+        (
+            run_at(fanned_out=2),
+            2,
+            False,
+            True,
+        ),  # committed, but the committing combine died before the fan-out
+        (run_at(state="STOP_REQUESTED"), 3, True, False),
+        (run_at(state="STOPPED", fanned_out=2), 2, False, False),  # ended runs need nothing
+        (run_at(state="FAILED"), 3, False, False),
+        (run_at(fanned_out=2), 1, False, False),
+    ],
+    ids=["current", "stale", "fan-out-cut-short", "stop-requested", "stopped", "failed", "older"],
+)
+def test_round_predicates(run: RunStatus, round_index: int, current: bool, awaits_fan_out: bool) -> None:
+    assert run.is_current(round_index) is current
+    assert run.awaits_fan_out_after(round_index) is awaits_fan_out
+
+
+def test_run_item_round_trips_and_owns_the_plan() -> None:
+    run = dataclasses.replace(
+        run_at(), summary=RunSummary(test_accuracy=0.25, final_model="/mnt/efs/x"), export_bucket="b"
+    )
+    item = run.to_item()
+    assert item["pk"] == "RUN#r" and item["num_train"] == 100 and item["rounds_per_epoch"] == 2
+    assert RunStatus.from_item(item) == dataclasses.replace(
+        run, created_at=item["created_at"], updated_at=item["updated_at"]
+    )
+    assert run.total_rounds == run.schedule.total_rounds == 4
+    assert run.schedule.num_train == 100
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda item: item.pop("num_train"), "has no 'num_train'"),
+        (lambda item: item.update(config='{"workers": 0}'), "not a valid run: workers must be between"),
+        (lambda item: item.update(config='{"weights": "/etc/passwd", "model": "vgg19"}'), "weights must be"),
+    ],
+    ids=["older-version", "bad-config", "weights-outside-efs"],
+)
+def test_a_run_item_that_is_not_a_valid_run_is_refused(change: Any, message: str) -> None:
+    item = run_at().to_item()
+    change(item)
+    with pytest.raises(LayoutError, match=message):
+        RunStatus.from_item(item)

@@ -46,13 +46,13 @@ def test_combine_that_dies_after_its_commit_is_finished_by_its_retry(harness: Ha
     combine = deliver_until(harness, lambda event: event.get("combine"))
     with Throttled(harness), pytest.raises(InvocationError):
         harness.invoke(combine)  # committed round 0, then could not fan out round 1
-    item = harness.run_item("t1")
-    assert item["round"] == 1 and item["fanned_out"] == 0
+    item = harness.run("t1")
+    assert item.round_index == 1 and item.fanned_out == 0
 
     assert harness.invoke(failure_record(combine))["status"] == "redispatched"
     assert harness.invoke(harness.invoker.queue.popleft())["status"] == "fanned_out"
     harness.drain()
-    assert harness.run_item("t1")["state"] == "SUCCEEDED"
+    assert harness.run("t1").state == "SUCCEEDED"
 
 
 def test_continuation_that_dies_after_saving_goes_on_from_the_saved_state(
@@ -69,7 +69,7 @@ def test_continuation_that_dies_after_saving_goes_on_from_the_saved_state(
 
     assert harness.invoke(failure_record(continuation))["status"] == "redispatched"
     harness.drain()
-    assert harness.run_item("c")["state"] == "SUCCEEDED"
+    assert harness.run("c").state == "SUCCEEDED"
     continued = [result for event, result in harness.results if event.get("resume_step")]
     assert continued[-1]["status"] == "trained"
 
@@ -90,8 +90,8 @@ def test_resume_while_a_combine_is_running_still_finishes(harness: Harness, monk
     assert harness.invoke(combine)["status"] == "ignored"  # its generation is gone: it must not commit
     monkeypatch.setattr(harness.status, "record_round", real_record_round)
     harness.drain()
-    item = harness.run_item("s")
-    assert item["state"] == "SUCCEEDED" and item["round"] == 4 and item["generation"] == 2
+    item = harness.run("s")
+    assert item.state == "SUCCEEDED" and item.round_index == 4 and item.generation == 2
 
 
 def test_concurrent_duplicate_combine_writes_the_same_next_weights(harness: Harness, monkeypatch) -> None:
@@ -115,7 +115,7 @@ def test_concurrent_duplicate_combine_writes_the_same_next_weights(harness: Harn
     assert seen["first"]["status"] == "combined" and second["status"] == "ignored"
     assert harness.layout.weights_path("m", 2).read_bytes() == seen["weights"]
     harness.drain()
-    assert harness.run_item("m")["state"] == "SUCCEEDED"
+    assert harness.run("m").state == "SUCCEEDED"
 
 
 def test_failed_start_is_sent_again_and_completes(harness: Harness, monkeypatch) -> None:
@@ -125,7 +125,7 @@ def test_failed_start_is_sent_again_and_completes(harness: Harness, monkeypatch)
     assert harness.invoke(failure_record(event)) == {"status": "redispatched", "attempt": 2}
     assert harness.invoker.queue[0] == {**event, "attempt": 2}
     harness.drain()
-    assert harness.run_item("f")["state"] == "SUCCEEDED"
+    assert harness.run("f").state == "SUCCEEDED"
 
 
 @pytest.mark.parametrize("error_type", ["InvalidEventError", "CoordinationConflictError"])
@@ -136,7 +136,7 @@ def test_errors_a_retry_cannot_fix_are_not_retried_and_fail_nothing(
     worker = harness.invoker.queue[0]
     sent = len(harness.invoker.sent)
     assert harness.invoke(failure_record(worker, error_type))["status"] == "ignored"
-    assert len(harness.invoker.sent) == sent and harness.run_item("t1")["state"] == "RUNNING"
+    assert len(harness.invoker.sent) == sent and harness.run("t1").state == "RUNNING"
 
 
 def test_start_attempts_are_bounded(harness: Harness) -> None:

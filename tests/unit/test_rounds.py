@@ -6,7 +6,6 @@ one event lost and replaced by its failure record.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import keras
@@ -16,7 +15,7 @@ import pytest
 from trainer import worker as worker_flow
 from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError
 from trainer.protocol import parse_event
-from trainer_harness import FakeContext, Harness, failure_record, start_event
+from trainer_harness import FakeContext, Harness, failure_record, race, start_event
 
 
 def kinds(harness: Harness) -> list[str]:
@@ -30,13 +29,14 @@ def test_run_trains_every_round_and_finishes(harness: Harness) -> None:
     assert result == {"status": "started", "run": "t1", "workers": 3, "total_rounds": 4}
     harness.drain()
 
-    item = harness.run_item("t1")
-    assert item["state"] == "SUCCEEDED" and item["round"] == 4 and item["epochsdone"] == 2
+    item = harness.run("t1")
+    assert item.state == "SUCCEEDED" and item.round_index == 4 and item.epochs_done == 2
     rounds = harness.status.list_rounds("t1")
-    assert [entry["round"] for entry in rounds] == [0, 1, 2, 3]
-    assert all(entry["done"] == [0, 1, 2] for entry in rounds)
-    assert [("test_accuracy" in entry) for entry in rounds] == [False, True, False, True]  # epoch ends
-    assert rounds[-1]["train_loss"] < rounds[0]["train_loss"]
+    assert [record.round_index for record in rounds] == [0, 1, 2, 3]
+    assert all(record.done == {0, 1, 2} and record.completed for record in rounds)
+    evaluated = [record.metrics.test_accuracy is not None for record in rounds]
+    assert evaluated == [False, True, False, True]  # epoch ends
+    assert rounds[-1].metrics.train_loss < rounds[0].metrics.train_loss
     assert kinds(harness) == (["worker"] * 3 + ["combine"]) * 4
 
     run_dir = harness.layout.run_dir("t1")
@@ -56,7 +56,7 @@ def test_every_event_delivered_twice_gives_the_same_weights_as_once(harness: Har
     harness.drain()
     harness.invoke(start_event("twice", epochs=1))
     harness.drain(duplicate=True)
-    assert harness.run_item("twice")["state"] == "SUCCEEDED"
+    assert harness.run("twice").state == "SUCCEEDED"
     combines = [result for event, result in harness.results if "combine" in event and event["run"] == "twice"]
     assert [result["status"] for result in combines] == ["combined", "ignored", "combined", "ignored"]
     for once, twice in zip(harness.final_weights("once"), harness.final_weights("twice"), strict=True):
@@ -77,19 +77,8 @@ def test_workers_finishing_together_start_exactly_one_combine(harness: Harness) 
     harness.invoker.queue.clear()
     run = harness.status.get_run("t1")
     for event in workers:  # train all four first, so that their registrations can race
-        worker_flow._train_share(parse_event(event), run, harness.services, FakeContext())
-    barrier = threading.Barrier(len(workers))
-    results: list[dict[str, Any]] = []
-
-    def deliver(event: dict[str, Any]) -> None:
-        barrier.wait()
-        results.append(harness.app.lambda_handler(event, FakeContext()))
-
-    threads = [threading.Thread(target=deliver, args=(event,)) for event in workers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+        worker_flow.train_share(parse_event(event), run, harness.services, FakeContext())
+    results = race(len(workers), lambda index: harness.invoke(workers[index]))
     assert sum(result.get("combine") == "invoked" for result in results) == 1
     assert [event.get("combine") for event in harness.invoker.queue] == [True]
 
@@ -109,7 +98,7 @@ def test_worker_out_of_time_continues_in_a_chained_invocation_with_the_same_resu
     )
     assert harness.layout.partial_path("chained", 0, worker["workerno"]).exists()
     harness.drain()
-    assert harness.run_item("chained")["state"] == "SUCCEEDED"
+    assert harness.run("chained").state == "SUCCEEDED"
     assert not harness.layout.partial_path("chained", 0, worker["workerno"]).exists()
     for a, b in zip(harness.final_weights("plain"), harness.final_weights("chained"), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -119,13 +108,13 @@ def test_stop_request_finishes_the_round_then_stops_and_resume_completes(harness
     harness.invoke(start_event())
     assert harness.invoke({"stop": True, "run": "t1"})["status"] == "stop_requested"
     harness.drain()
-    item = harness.run_item("t1")
-    assert item["state"] == "STOPPED" and item["round"] == 1
+    item = harness.run("t1")
+    assert item.state == "STOPPED" and item.round_index == 1
 
     assert harness.invoke({"start": True, "run": "t1", "resume": True})["status"] == "resumed"
     harness.drain()
-    item = harness.run_item("t1")
-    assert item["state"] == "SUCCEEDED" and item["round"] == 4 and item["generation"] == 2
+    item = harness.run("t1")
+    assert item.state == "SUCCEEDED" and item.round_index == 4 and item.generation == 2
 
 
 def test_failed_worker_is_redispatched_then_the_run_fails_after_max_attempts(harness: Harness) -> None:
@@ -140,8 +129,8 @@ def test_failed_worker_is_redispatched_then_the_run_fails_after_max_attempts(har
     record["requestPayload"] = retry
     result = harness.invoke(record)
     assert result["status"] == "failed" and "failed 2 times" in result["reason"]
-    item = harness.run_item("t1")
-    assert item["state"] == "FAILED" and "out of memory" in item["reason"]
+    item = harness.run("t1")
+    assert item.state == "FAILED" and "out of memory" in item.reason
     harness.drain()  # the remaining workers find the run failed and do nothing
     assert all(result["status"] == "ignored" for event, result in harness.results[-2:])
 
@@ -167,10 +156,10 @@ def test_stray_combine_before_every_worker_registered_is_ignored(harness: Harnes
     harness.invoke(start_event(max_attempts=1))
     combine = {"combine": True, "workers": 3, "epochsdone": 0, "run": "t1", "round": 0}
     assert harness.invoke(combine)["status"] == "ignored"
-    assert harness.run_item("t1")["round"] == 0 and harness.run_item("t1")["state"] == "RUNNING"
+    assert harness.run("t1").round_index == 0 and harness.run("t1").state == "RUNNING"
     assert not harness.layout.weights_path("t1", 1).exists()
     harness.drain()
-    assert harness.run_item("t1")["state"] == "SUCCEEDED"
+    assert harness.run("t1").state == "SUCCEEDED"
 
 
 def test_combine_fails_loudly_when_registered_updates_are_missing(harness: Harness) -> None:
@@ -181,7 +170,7 @@ def test_combine_fails_loudly_when_registered_updates_are_missing(harness: Harne
     harness.layout.update_path("t1", 0, 1).unlink()
     with pytest.raises(LayoutError, match=r"\['worker-0001.npz'\] are missing"):
         harness.invoke(combine)
-    assert harness.run_item("t1")["round"] == 0
+    assert harness.run("t1").round_index == 0
 
 
 def test_start_without_dataset_writes_nothing(harness: Harness) -> None:
@@ -229,5 +218,5 @@ def test_outer_momentum_and_float16_updates_train(harness: Harness) -> None:
     harness.invoke(start_event(outer_lr=0.7, outer_momentum=0.5, update_dtype="float16"))
     harness.drain()
     rounds = harness.status.list_rounds("t1")
-    assert harness.run_item("t1")["state"] == "SUCCEEDED"
-    assert rounds[-1]["train_loss"] < rounds[0]["train_loss"]
+    assert harness.run("t1").state == "SUCCEEDED"
+    assert rounds[-1].metrics.train_loss < rounds[0].metrics.train_loss

@@ -43,9 +43,9 @@ def test_start_object_starts_a_run_named_after_it_and_exports_the_model_there(
     assert harness.invoke(s3_event("start/from-s3.json"))["run"] == "from-s3"
     assert harness.invoke(s3_event("start/from-s3.json"))["status"] == "duplicate"  # S3 redelivery
     harness.drain()
-    item = harness.run_item("from-s3")
-    assert item["state"] == "SUCCEEDED"
-    assert item["final_model_s3"] == f"s3://{BUCKET}/models/from-s3/final.keras"
+    item = harness.run("from-s3")
+    assert item.state == "SUCCEEDED"
+    assert item.summary.final_model_s3 == f"s3://{BUCKET}/models/from-s3/final.keras"
     exported = bucket.get_object(Bucket=BUCKET, Key="models/from-s3/final.keras")["Body"].read()
     assert exported == harness.layout.final_model_path("from-s3").read_bytes()
 

@@ -10,12 +10,16 @@ import collections
 import copy
 import dataclasses
 import json
+import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+
+from trainer.coordination import RunStatus
 
 NUM_CLASSES = 10
 
@@ -42,12 +46,36 @@ def write_synthetic_dataset(directory: Path, num_train: int = 240, num_test: int
 
 @dataclasses.dataclass
 class FakeContext:
-    aws_request_id: str = "00000000-test"
+    """The attributes of Lambda's Python context; ``remaining_ms`` is a clock the test controls."""
+
     function_name: str = "lambdatrain-trainer"
+    function_version: str = "$LATEST"
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:lambdatrain-trainer"
+    memory_limit_in_mb: str = "10240"  # a string, as in the real runtime
+    aws_request_id: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
+    log_group_name: str = "/aws/lambda/lambdatrain-trainer"
+    log_stream_name: str = "test"
     remaining_ms: Callable[[], int] = lambda: 900_000
 
     def get_remaining_time_in_millis(self) -> int:
         return self.remaining_ms()
+
+
+def race(count: int, action: Callable[[int], Any]) -> list[Any]:
+    """Run ``action(i)`` for ``i < count`` in threads released at the same instant; their results in order."""
+    barrier = threading.Barrier(count)
+    results: list[Any] = [None] * count
+
+    def run(index: int) -> None:
+        barrier.wait()
+        results[index] = action(index)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
 
 
 class QueueInvoker:
@@ -78,15 +106,13 @@ class Harness:
         monkeypatch.setenv("EFS_ROOT", str(efs_root))
         monkeypatch.setenv("STATUS_TABLE", table.name)
         monkeypatch.setenv("SAFETY_MARGIN_S", "0")
-        services = trainer_services.Services(
+        self.services = trainer_services.Services(
             layout=self.layout, status=self.status, invoker=self.invoker, environment=config.load()
         )
-        self.services = services
-        monkeypatch.setattr(app, "_services_for", lambda environment: services)
         self.results: list[tuple[dict[str, Any], dict[str, Any]]] = []
 
     def invoke(self, event: dict[str, Any], context: FakeContext | None = None) -> dict[str, Any]:
-        result = self.app.lambda_handler(event, context or FakeContext())
+        result = self.app.handle(event, context or FakeContext(), self.services)
         self.results.append((event, result))
         return result
 
@@ -101,15 +127,15 @@ class Harness:
                 self.invoke(event)
         raise AssertionError(f"queue still not empty after {limit} deliveries")
 
-    def run_item(self, run_id: str) -> dict[str, Any]:
-        item = self.status.get_run_item(run_id)
-        assert item is not None, f"run {run_id} has no item"
-        return item
+    def run(self, run_id: str) -> RunStatus:
+        run = self.status.get_run(run_id)
+        assert run is not None, f"run {run_id} has no item"
+        return run
 
     def final_weights(self, run_id: str) -> list[np.ndarray]:
         from trainer.efs_layout import load_arrays
 
-        round_index = self.run_item(run_id)["round"]
+        round_index = self.run(run_id).round_index
         arrays, _ = load_arrays(self.layout.weights_path(run_id, round_index))
         return arrays
 

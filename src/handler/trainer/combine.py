@@ -12,10 +12,12 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -25,15 +27,14 @@ from trainer.coordination import (
     STOP_REQUESTED,
     STOPPED,
     SUCCEEDED,
+    RoundMetrics,
     RunStatus,
+    RunSummary,
 )
 from trainer.efs_layout import TMP_PREFIX, EfsLayout, file_size, load_arrays, save_arrays
 from trainer.errors import CoordinationConflictError, LayoutError, TrainingError
-from trainer.protocol import (
-    CombineEvent,
-)
-from trainer.runs import fan_out
-from trainer.schedule import Schedule
+from trainer.fan_out import fan_out
+from trainer.protocol import CombineEvent
 from trainer.services import Services, dataset_for, load_global_weights, model_for, require_run
 
 log = logging.getLogger(__name__)
@@ -42,122 +43,192 @@ MODEL_PREFIX = "models/"  # where runs started from S3 export final.keras, in th
 
 
 def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
+    """What happens when a round is complete: check, load, aggregate, evaluate, write, commit, signal."""
     logs.bind_more(run_id=event.run_id, round=event.round_index)
     run = require_run(event.run_id, services)
-    if not run.active or run.round_index != event.round_index:
-        if run.active and run.round_index == event.round_index + 1 and run.fanned_out < run.round_index:
-            # This round was committed, but the combine that did it died before fanning out: finish its work.
+    if not run.is_current(event.round_index):
+        if run.awaits_fan_out_after(event.round_index):  # the combine that committed died before fanning out
             fan_out(run, run.round_index, services)
             _clean_up(run.run_id, event.round_index, services.layout)
             return {"status": "fanned_out", "round": run.round_index}
         logs.event(log, "stale_combine_ignored", run_round=run.round_index, state=run.state)
         return {"status": "ignored", "reason": f"run is {run.state} at round {run.round_index}"}
-    cfg, layout = run.config, services.layout
-    registered = (services.status.get_round(run.run_id, event.round_index) or {}).get("done", [])
-    if len(registered) < cfg.workers:
-        logs.event(log, "combine_not_ready", registered=len(registered), workers=cfg.workers)
-        return {"status": "ignored", "reason": f"{len(registered)} of {cfg.workers} workers registered"}
-    update_paths = [
-        layout.update_path(run.run_id, event.round_index, worker) for worker in range(cfg.workers)
-    ]
-    missing = [path.name for path in update_paths if not path.exists()]
-    if missing:
-        raise LayoutError(f"round {event.round_index}: every worker registered but {missing} are missing")
+    not_ready = _check_all_registered(run, services)
+    if not_ready is not None:
+        return not_ready
 
-    phases: dict[str, float] = {}
+    round_index, phases = run.round_index, {}
+    inputs = _load_round(run, services, phases)
+    new_weights, new_momentum, averaged = _aggregate(run, inputs, phases)
+    results: dict[str, Any] = {"train_loss": averaged.mean_loss}
+    if run.schedule.evaluates_after(round_index):
+        results["test_loss"], results["test_accuracy"] = _evaluate(run, inputs.model, services, phases)
+    last = run.schedule.is_last(round_index)
+    bytes_written = _write_next_round(
+        run, inputs.model, new_weights, new_momentum, last, services, results, phases
+    )
+    phases["worker_compute"] = max(float(meta["compute_s"]) for meta in inputs.worker_meta)
+    phases["worker_load"] = max(float(meta["load_s"]) for meta in inputs.worker_meta)
+
+    epochs_done = run.schedule.epochs_done_after(round_index)
+    services.status.record_round(
+        run.run_id,
+        round_index,
+        RoundMetrics(
+            epochs_done=epochs_done,
+            samples=averaged.samples,
+            train_loss=results["train_loss"],
+            duration_s={name: round(seconds, 4) for name, seconds in phases.items()},
+            bytes_read=inputs.bytes_read,
+            bytes_written=bytes_written,
+            test_loss=results.get("test_loss"),
+            test_accuracy=results.get("test_accuracy"),
+            final_model_s3=results.get("final_model_s3"),
+        ),
+    )
+    summary = RunSummary(
+        test_accuracy=results.get("test_accuracy"),
+        test_loss=results.get("test_loss"),
+        final_model=str(services.layout.final_model_path(run.run_id)) if last else None,
+        final_model_s3=results.get("final_model_s3"),
+    )
+    new_state = _commit_round(run, round_index + 1, epochs_done, last, summary, services)
+    if new_state is None:
+        return {"status": "ignored", "reason": "round committed by another combine"}
+    services.status.mark_round_completed(run.run_id, round_index)
+    logs.event(log, "round_combined", state=new_state, epochsdone=epochs_done, **results, **phases)
+    if new_state == RUNNING:
+        fan_out(dataclasses.replace(run, round_index=round_index + 1), round_index + 1, services)
+    else:
+        logs.event(
+            log,
+            "run_finished",
+            state=new_state,
+            rounds=round_index + 1,
+            epochsdone=epochs_done,
+            **summary.to_item(),
+        )
+    _clean_up(run.run_id, round_index, services.layout)
+    return {"status": "combined", "round": round_index, "state": new_state, **results}
+
+
+@dataclass
+class _RoundInputs:
+    model: keras.Model
+    global_weights: list[np.ndarray]
+    updates: list[aggregation.WorkerUpdate]
+    worker_meta: list[dict[str, Any]]
+    momentum: list[np.ndarray] | None
+    bytes_read: int
+
+
+def _check_all_registered(run: RunStatus, services: Services) -> dict[str, Any] | None:
+    """None when every worker registered and every update file is there; else why the combine waits."""
+    record = services.status.get_round(run.run_id, run.round_index)
+    registered = record.done if record else frozenset()
+    if len(registered) < run.config.workers:
+        logs.event(log, "combine_not_ready", registered=len(registered), workers=run.config.workers)
+        return {
+            "status": "ignored",
+            "reason": f"{len(registered)} of {run.config.workers} workers registered",
+        }
+    missing = [
+        path.name
+        for worker in range(run.config.workers)
+        if not (path := services.layout.update_path(run.run_id, run.round_index, worker)).exists()
+    ]
+    if missing:
+        raise LayoutError(f"round {run.round_index}: every worker registered but {missing} are missing")
+    return None
+
+
+def _load_round(run: RunStatus, services: Services, phases: dict[str, float]) -> _RoundInputs:
+    """The model with this round's global weights, every worker's update, and the outer momentum."""
     began = time.perf_counter()
-    dataset = dataset_for(cfg, layout)
-    schedule = Schedule(cfg, len(dataset.train_x))
-    model = model_for(cfg, layout.root)
-    weights_path = layout.weights_path(run.run_id, event.round_index)
+    layout = services.layout
+    model = model_for(run.config, layout.root)
+    weights_path = layout.weights_path(run.run_id, run.round_index)
     global_weights = load_global_weights(weights_path, model)
     updates, worker_meta = [], []
     bytes_read = file_size(weights_path)
-    for path in update_paths:
+    for worker in range(run.config.workers):
+        path = layout.update_path(run.run_id, run.round_index, worker)
         arrays, meta = load_arrays(path)
         bytes_read += file_size(path)
         updates.append(aggregation.WorkerUpdate(arrays, int(meta["samples"]), float(meta["mean_loss"])))
         worker_meta.append(meta)
     momentum = None
-    if cfg.outer_momentum > 0 and event.round_index > 0:
-        momentum, _ = load_arrays(layout.outer_state_path(run.run_id, event.round_index))  # must exist
+    if run.config.outer_momentum > 0 and run.round_index > 0:
+        momentum, _ = load_arrays(layout.outer_state_path(run.run_id, run.round_index))  # must exist
     phases["load"] = time.perf_counter() - began
+    return _RoundInputs(model, global_weights, updates, worker_meta, momentum, bytes_read)
 
+
+def _aggregate(
+    run: RunStatus, inputs: _RoundInputs, phases: dict[str, float]
+) -> tuple[list[np.ndarray], list[np.ndarray] | None, aggregation.Averaged]:
+    """Average the updates, apply the outer update; the model holds the new weights afterwards."""
     began = time.perf_counter()
-    shapes = [weight.shape for weight in global_weights]
+    shapes = [weight.shape for weight in inputs.global_weights]
     try:
-        averaged = aggregation.average_updates(updates, shapes)
+        averaged = aggregation.average_updates(inputs.updates, shapes)
     except ValueError as exc:
-        raise LayoutError(f"round {event.round_index}: {exc}") from exc
+        raise LayoutError(f"round {run.round_index}: {exc}") from exc
     new_weights, new_momentum = aggregation.apply_outer_update(
-        global_weights,
+        inputs.global_weights,
         averaged.arrays,
-        models.trainable_mask(model),
-        cfg.outer_lr,
-        cfg.outer_momentum,
-        momentum,
+        models.trainable_mask(inputs.model),
+        run.config.outer_lr,
+        run.config.outer_momentum,
+        inputs.momentum,
     )
-    model.set_weights(new_weights)
+    inputs.model.set_weights(new_weights)
     phases["aggregate"] = time.perf_counter() - began
+    return new_weights, new_momentum, averaged
 
-    metrics: dict[str, Any] = {"train_loss": averaged.mean_loss}
-    if schedule.evaluates_after(event.round_index):
-        began = time.perf_counter()
-        metrics["test_loss"], metrics["test_accuracy"] = training.evaluate(
-            model, dataset.test_x, dataset.test_y
-        )
-        phases["eval"] = time.perf_counter() - began
 
-    # Everything below is deterministic, so a duplicate combine running at the same time writes the same bytes;
-    # its inputs (this round's weights, updates and momentum) stay until this round's commit is two rounds old.
+def _evaluate(
+    run: RunStatus, model: keras.Model, services: Services, phases: dict[str, float]
+) -> tuple[float, float]:
     began = time.perf_counter()
-    next_round = event.round_index + 1
+    dataset = dataset_for(run.config, services.layout)
+    test_loss, test_accuracy = training.evaluate(model, dataset.test_x, dataset.test_y)
+    phases["eval"] = time.perf_counter() - began
+    return test_loss, test_accuracy
+
+
+def _write_next_round(
+    run: RunStatus,
+    model: keras.Model,
+    new_weights: list[np.ndarray],
+    new_momentum: list[np.ndarray] | None,
+    last: bool,
+    services: Services,
+    results: dict[str, Any],
+    phases: dict[str, float],
+) -> int:
+    """The next round's weights and momentum, and after the last round ``final.keras`` (and its S3 copy).
+
+    Everything written here is deterministic, so a duplicate combine running at the same time writes the same
+    bytes; its inputs (this round's weights, updates and momentum) stay until this round's commit is two rounds
+    old. Returns the bytes written."""
+    began = time.perf_counter()
+    layout, next_round = services.layout, run.round_index + 1
     bytes_written = save_arrays(
         layout.weights_path(run.run_id, next_round), new_weights, {"round": next_round}
     )
     if new_momentum is not None:
         bytes_written += save_arrays(layout.outer_state_path(run.run_id, next_round), new_momentum)
-    last = schedule.is_last(event.round_index)
     if last:
         bytes_written += _export_model(model, layout.final_model_path(run.run_id))
         if run.export_bucket:  # before the commit: SUCCEEDED means the model is in S3 too
-            metrics["final_model_s3"] = _upload_model(layout.final_model_path(run.run_id), run, services)
+            results["final_model_s3"] = _upload_model(layout.final_model_path(run.run_id), run, services)
     phases["write"] = time.perf_counter() - began
-    phases["worker_compute"] = max(float(meta["compute_s"]) for meta in worker_meta)
-    phases["worker_load"] = max(float(meta["load_s"]) for meta in worker_meta)
-
-    epochs_done = schedule.epochs_done_after(event.round_index)
-    services.status.record_round(
-        run.run_id,
-        event.round_index,
-        {
-            **metrics,
-            "round": event.round_index,
-            "epochsdone": epochs_done,
-            "samples": averaged.samples,
-            "duration_s": {name: round(seconds, 4) for name, seconds in phases.items()},
-            "bytes_read": bytes_read,
-            "bytes_written": bytes_written,
-        },
-    )
-    summary = {key: value for key, value in metrics.items() if key.startswith(("test_", "final_"))}
-    if last:
-        summary["final_model"] = str(layout.final_model_path(run.run_id))
-    new_state = _commit_round(run, next_round, epochs_done, last, summary, services)
-    if new_state is None:
-        return {"status": "ignored", "reason": "round committed by another combine"}
-    services.status.mark_round_completed(run.run_id, event.round_index)
-    logs.event(log, "round_combined", state=new_state, epochsdone=epochs_done, **metrics, **phases)
-    if new_state == RUNNING:
-        fan_out(dataclasses.replace(run, round_index=next_round), next_round, services)
-    else:
-        logs.event(log, "run_finished", state=new_state, rounds=next_round, epochsdone=epochs_done, **summary)
-    _clean_up(run.run_id, event.round_index, layout)
-    return {"status": "combined", "round": event.round_index, "state": new_state, **metrics}
+    return bytes_written
 
 
 def _commit_round(
-    run: RunStatus, next_round: int, epochs_done: int, last: bool, summary: dict[str, Any], services: Services
+    run: RunStatus, next_round: int, epochs_done: int, last: bool, summary: RunSummary, services: Services
 ) -> str | None:
     """Advance the run item once; a stop requested meanwhile is honoured. None if another combine won."""
     for _ in range(3):

@@ -5,7 +5,8 @@ Environment (set by ``template.yaml`` in the cloud and by ``localrun`` on a lapt
 - ``EFS_ROOT``        where the EFS access point is mounted (default ``/mnt/efs``)
 - ``STATUS_TABLE``    the DynamoDB status table
 - ``AWS_LAMBDA_FUNCTION_NAME``  set by Lambda itself; the trainer invokes itself by this name
-- ``TF_ENABLE_ONEDNN_OPTS``     ``1`` (2.5x faster convolutions on x86 CPUs)
+- ``TF_ENABLE_ONEDNN_OPTS``     ``1`` (2.5x faster convolutions on x86 CPUs): with the other TensorFlow variables
+  in :data:`TENSORFLOW_ENVIRONMENT`, set before TensorFlow is imported (:func:`set_tensorflow_defaults`)
 - ``LOG_LEVEL``       ``INFO`` by default
 - ``SAFETY_MARGIN_S`` seconds a worker keeps in reserve before the Lambda deadline to save its state (default 60)
 
@@ -17,11 +18,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer import logs
 from trainer.efs_layout import check_name
 from trainer.errors import ConfigurationError, InvalidEventError
 
@@ -29,10 +31,17 @@ ENV_EFS_ROOT = "EFS_ROOT"
 ENV_STATUS_TABLE = "STATUS_TABLE"
 ENV_FUNCTION_NAME = "AWS_LAMBDA_FUNCTION_NAME"
 ENV_ONEDNN = "TF_ENABLE_ONEDNN_OPTS"
-ENV_LOG_LEVEL = "LOG_LEVEL"
+ENV_LOG_LEVEL = logs.ENV_LOG_LEVEL
 ENV_SAFETY_MARGIN_S = "SAFETY_MARGIN_S"
 DEFAULT_EFS_ROOT = "/mnt/efs"
 DEFAULT_SAFETY_MARGIN_S = 60.0
+
+# What TensorFlow and Keras read at import: oneDNN kernels (2.5x on x86 CPUs), quiet C++ logs, the TensorFlow
+# backend. The handler, the local runtime and the benchmarks take them from here; template.yaml and the
+# Dockerfile declare the same (the template gate checks them).
+TENSORFLOW_ENVIRONMENT = {ENV_ONEDNN: "1", "TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow"}
+
+MAX_WORKERS = 256  # workers per run: the start event's and the template's upper bound
 
 # The variables the handler reads that the deployment must set (Lambda sets the function name itself).
 REQUIRED_ENV = (ENV_EFS_ROOT, ENV_STATUS_TABLE, ENV_ONEDNN)
@@ -51,6 +60,14 @@ class Environment:
     status_table: str
     function_name: str
     safety_margin_s: float
+
+
+def set_tensorflow_defaults(environ: MutableMapping[str, str] | None = None) -> None:
+    """Set :data:`TENSORFLOW_ENVIRONMENT` where the environment does not already say otherwise; call it before
+    anything imports TensorFlow or Keras."""
+    environ = os.environ if environ is None else environ
+    for name, value in TENSORFLOW_ENVIRONMENT.items():
+        environ.setdefault(name, value)
 
 
 def load(environ: Mapping[str, str] | None = None) -> Environment:
@@ -77,7 +94,7 @@ def load(environ: Mapping[str, str] | None = None) -> Environment:
 class TrainConfig:
     """Hyperparameters of one run. Every field may be set in the start event; the README documents each."""
 
-    workers: int = 4  # parallel Lambda workers, 1-256
+    workers: int = 4  # parallel Lambda workers, 1-MAX_WORKERS
     epochs: int = 10  # passes over the training set
     model: str = "vgg19_bn"  # "vgg19_bn" (CIFAR VGG-19 with BatchNorm) or "vgg19" (keras.applications)
     width: float = 1.0  # channel multiplier for vgg19_bn (0.25 = a quarter of the channels)
@@ -120,7 +137,7 @@ class TrainConfig:
         return config
 
     def validate(self) -> None:
-        _check_range("workers", self.workers, 1, 256)
+        _check_range("workers", self.workers, 1, MAX_WORKERS)
         _check_range("epochs", self.epochs, 1, 10_000)
         _check_choice("model", self.model, MODELS)
         _check_range("width", self.width, 1 / 64, 4.0)

@@ -1,4 +1,7 @@
-"""Run and round state in the DynamoDB status table. Every state transition is one conditional write.
+"""Run and round state in the DynamoDB status table: the typed records and every state transition.
+
+This module is the only one that knows attribute names: flows, the local runtime and the tests read and write
+:class:`RunStatus`, :class:`RoundRecord`, :class:`RoundMetrics` and :class:`RunSummary`.
 
 Key schema (``template.yaml`` declares the same; the template gate checks it): ``pk`` (S, HASH), ``sk`` (S, RANGE).
 
@@ -6,6 +9,7 @@ Run item ``pk="RUN#<run>"``, ``sk="RUN"``
     ``state``          RUNNING | STOP_REQUESTED | STOPPED | SUCCEEDED | FAILED
     ``round``          the round being trained now (its global weights exist on EFS)
     ``total_rounds``, ``rounds_per_epoch``, ``workers``, ``epochsdone``
+    ``num_train``      training examples in use, fixed at start: with ``config`` it determines the run's plan
     ``generation``     incremented by every resume, so a resumed run can claim a combine again
     ``fanned_out``     the last round whose worker events were all sent
     ``config``         the resolved TrainConfig as JSON
@@ -25,10 +29,12 @@ conditional writes; metrics are plain overwrites of deterministic values.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import functools
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -37,7 +43,8 @@ from botocore.exceptions import ClientError
 
 from trainer import logs
 from trainer.config import TrainConfig
-from trainer.errors import CoordinationConflictError
+from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError
+from trainer.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +72,30 @@ def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+# --- records --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a commit writes on the run item besides the state: the latest test metrics, where the model is."""
+
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    final_model: str | None = None  # the path of final.keras on EFS (set when the run SUCCEEDED)
+    final_model_s3: str | None = None  # its copy in the export bucket, for runs started from S3
+
+    def to_item(self) -> dict[str, Any]:
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_item(cls, item: dict[str, Any]) -> RunSummary:
+        return cls(**{name: item.get(name) for name in cls.__dataclass_fields__})
+
+
 @dataclass(frozen=True)
 class RunStatus:
+    """The run item."""
+
     run_id: str
     state: str
     round_index: int
@@ -75,12 +104,167 @@ class RunStatus:
     generation: int
     fanned_out: int
     config: TrainConfig
+    num_train: int  # training examples in use (after train_samples), fixed at start
     reason: str | None = None
     export_bucket: str | None = None  # runs started by an S3 object also export final.keras to that bucket
+    summary: RunSummary = field(default_factory=RunSummary)
+    created_at: str | None = None
+    updated_at: str | None = None
+
+    @classmethod
+    def new(
+        cls, run_id: str, config: TrainConfig, num_train: int, export_bucket: str | None = None
+    ) -> RunStatus:
+        """A run about to be created: RUNNING at round 0, nothing fanned out yet."""
+        schedule = Schedule(config, num_train)
+        return cls(
+            run_id=run_id,
+            state=RUNNING,
+            round_index=0,
+            total_rounds=schedule.total_rounds,
+            epochs_done=0,
+            generation=1,
+            fanned_out=-1,
+            config=config,
+            num_train=num_train,
+            export_bucket=export_bucket,
+        )
+
+    @functools.cached_property
+    def schedule(self) -> Schedule:
+        """The run's plan: rounds, shards and learning rates, from its configuration and training-set size."""
+        return Schedule(self.config, self.num_train)
 
     @property
     def active(self) -> bool:
         return self.state in ACTIVE_STATES
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    def is_current(self, round_index: int) -> bool:
+        """An event for ``round_index`` has work to do: the run is active and training that round."""
+        return self.active and self.round_index == round_index
+
+    def awaits_fan_out_after(self, round_index: int) -> bool:
+        """``round_index`` was committed, but the invocation that committed it died before sending the next
+        round's workers (whoever sees this finishes that fan-out)."""
+        return self.active and self.round_index == round_index + 1 and self.fanned_out < self.round_index
+
+    def to_item(self) -> dict[str, Any]:
+        item: dict[str, Any] = {
+            **run_key(self.run_id),
+            "state": self.state,
+            "round": self.round_index,
+            "total_rounds": self.total_rounds,
+            "rounds_per_epoch": self.schedule.rounds_per_epoch,  # for people reading the table
+            "workers": self.config.workers,
+            "epochsdone": self.epochs_done,
+            "generation": self.generation,
+            "fanned_out": self.fanned_out,
+            "num_train": self.num_train,
+            "config": json.dumps(self.config.to_dict(), sort_keys=True),
+            "created_at": self.created_at or now_iso(),
+            "updated_at": self.updated_at or now_iso(),
+            **self.summary.to_item(),
+        }
+        for name, value in (("reason", self.reason), ("export_bucket", self.export_bucket)):
+            if value is not None:
+                item[name] = value
+        return item
+
+    @classmethod
+    def from_item(cls, item: dict[str, Any]) -> RunStatus:
+        """Parse a run item; one that does not hold a valid run is a :class:`LayoutError`, never a guess."""
+        item = _plain(item)
+        run_id = str(item.get("pk", "")).removeprefix("RUN#")
+        try:
+            config = TrainConfig.from_mapping(json.loads(item["config"]))
+            return cls(
+                run_id=run_id,
+                state=item["state"],
+                round_index=int(item["round"]),
+                total_rounds=int(item["total_rounds"]),
+                epochs_done=int(item["epochsdone"]),
+                generation=int(item["generation"]),
+                fanned_out=int(item.get("fanned_out", -1)),
+                config=config,
+                num_train=int(item["num_train"]),
+                reason=item.get("reason"),
+                export_bucket=item.get("export_bucket"),
+                summary=RunSummary.from_item(item),
+                created_at=item.get("created_at"),
+                updated_at=item.get("updated_at"),
+            )
+        except KeyError as exc:
+            raise LayoutError(
+                f"run {run_id!r}: the status item has no {exc.args[0]!r} (written by an older version?)"
+            ) from exc
+        except (InvalidEventError, TypeError, ValueError) as exc:
+            raise LayoutError(f"run {run_id!r}: the status item is not a valid run: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class RoundMetrics:
+    """What the combine measured for a round (deterministic, so a duplicate combine writes the same)."""
+
+    epochs_done: int
+    samples: int
+    train_loss: float
+    duration_s: dict[str, float]
+    bytes_read: int
+    bytes_written: int
+    test_loss: float | None = None  # only on rounds followed by an evaluation
+    test_accuracy: float | None = None
+    final_model_s3: str | None = None
+
+    def to_item(self) -> dict[str, Any]:
+        item = {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+        item["epochsdone"] = item.pop("epochs_done")
+        return item
+
+    @classmethod
+    def from_item(cls, item: dict[str, Any]) -> RoundMetrics | None:
+        if "train_loss" not in item:
+            return None  # the combine has not written them yet
+        values = {name: item.get(name) for name in cls.__dataclass_fields__ if name != "epochs_done"}
+        return cls(epochs_done=int(item.get("epochsdone", 0)), **values)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """A round item: who registered, who claimed the combine, what it measured, when it was committed."""
+
+    run_id: str
+    round_index: int
+    done: frozenset[int] = frozenset()
+    claimed_generation: int | None = None
+    claimed_by: int | None = None
+    claimed_attempt: int | None = None
+    completed_at: str | None = None
+    metrics: RoundMetrics | None = None
+
+    @property
+    def completed(self) -> bool:
+        return self.completed_at is not None
+
+    @classmethod
+    def from_item(cls, item: dict[str, Any]) -> RoundRecord:
+        item = _plain(item)
+        return cls(
+            run_id=str(item["pk"]).removeprefix("RUN#"),
+            round_index=int(str(item["sk"]).removeprefix(ROUND_PREFIX)),
+            done=frozenset(int(worker) for worker in item.get("done", [])),
+            claimed_generation=item.get("claimed_generation"),
+            claimed_by=item.get("claimed_by"),
+            claimed_attempt=item.get("claimed_attempt"),
+            completed_at=item.get("completed_at"),
+            metrics=RoundMetrics.from_item(item),
+        )
+
+
+# --- the table ------------------------------------------------------------------------------------------
 
 
 class StatusTable:
@@ -96,30 +280,12 @@ class StatusTable:
 
     # --- runs -------------------------------------------------------------------------------------------
 
-    def create_run(
-        self, run_id: str, config: TrainConfig, total_rounds: int, export_bucket: str | None = None
-    ) -> None:
+    def create_run(self, run: RunStatus) -> None:
         """Create the run item; a second start with the same id raises :class:`CoordinationConflictError`."""
-        item = {
-            **run_key(run_id),
-            "state": RUNNING,
-            "round": 0,
-            "total_rounds": total_rounds,
-            "rounds_per_epoch": max(1, total_rounds // config.epochs),
-            "workers": config.workers,
-            "epochsdone": 0,
-            "generation": 1,
-            "fanned_out": -1,
-            "config": json.dumps(config.to_dict(), sort_keys=True),
-            "created_at": now_iso(),
-            "updated_at": now_iso(),
-        }
-        if export_bucket:
-            item["export_bucket"] = export_bucket
         self._conditional(
             "put_item",
-            f'run {run_id!r} already exists (send "resume": true to continue it)',
-            Item=item,
+            f'run {run.run_id!r} already exists (send "resume": true to continue it)',
+            Item=_dynamo(run.to_item()),
             ConditionExpression="attribute_not_exists(pk)",
         )
 
@@ -141,21 +307,17 @@ class StatusTable:
             },
             ReturnValues="ALL_NEW",
         )
-        return _run_status(attributes)
+        return RunStatus.from_item(attributes)
 
     def get_run(self, run_id: str) -> RunStatus | None:
         item = self.table.get_item(Key=run_key(run_id), ConsistentRead=True).get("Item")
-        return _run_status(item) if item else None
-
-    def get_run_item(self, run_id: str) -> dict[str, Any] | None:
-        item = self.table.get_item(Key=run_key(run_id), ConsistentRead=True).get("Item")
-        return _plain(item) if item else None
+        return RunStatus.from_item(item) if item else None
 
     def advance_run(
-        self, run: RunStatus, next_round: int, epochs_done: int, new_state: str, summary: dict[str, Any]
+        self, run: RunStatus, next_round: int, epochs_done: int, new_state: str, summary: RunSummary
     ) -> None:
         """Commit a combine: round r -> r+1 happens once (condition on round, state and generation)."""
-        values = {
+        values: dict[str, Any] = {
             ":r": run.round_index,
             ":seen": run.state,
             ":g": run.generation,
@@ -166,7 +328,7 @@ class StatusTable:
         }
         names = {"#round": "round", "#state": "state"}
         sets = ["#round = :next", "epochsdone = :e", "#state = :state", "updated_at = :now"]
-        for index, (name, value) in enumerate(summary.items()):
+        for index, (name, value) in enumerate(summary.to_item().items()):
             sets.append(f"#s{index} = :s{index}")
             names[f"#s{index}"] = name
             values[f":s{index}"] = value
@@ -236,7 +398,7 @@ class StatusTable:
             ExpressionAttributeValues={":w": {worker_index}, ":r": round_index},
             ReturnValues="ALL_NEW",
         )
-        return {int(worker) for worker in attributes.get("done", set())}
+        return set(RoundRecord.from_item(attributes).done)
 
     def claim_combine(
         self, run_id: str, round_index: int, generation: int, worker_index: int, attempt: int
@@ -257,9 +419,9 @@ class StatusTable:
             ExpressionAttributeValues={":g": generation, ":w": worker_index, ":a": attempt},
         )
 
-    def get_round(self, run_id: str, round_index: int) -> dict[str, Any] | None:
+    def get_round(self, run_id: str, round_index: int) -> RoundRecord | None:
         item = self.table.get_item(Key=round_key(run_id, round_index), ConsistentRead=True).get("Item")
-        return _plain(item) if item else None
+        return RoundRecord.from_item(item) if item else None
 
     def mark_round_completed(self, run_id: str, round_index: int) -> None:
         """After the commit: late registrations for this round are refused from now on."""
@@ -269,20 +431,21 @@ class StatusTable:
             ExpressionAttributeValues={":now": now_iso()},
         )
 
-    def record_round(self, run_id: str, round_index: int, metrics: dict[str, Any]) -> None:
+    def record_round(self, run_id: str, round_index: int, metrics: RoundMetrics) -> None:
         """Write a round's metrics (deterministic values: a duplicate combine writes the same ones)."""
-        values = {f":m{index}": value for index, value in enumerate(metrics.values())}
-        names = {f"#m{index}": name for index, name in enumerate(metrics)}
+        fields = {**metrics.to_item(), "round": round_index}
+        values = {f":m{index}": value for index, value in enumerate(fields.values())}
+        names = {f"#m{index}": name for index, name in enumerate(fields)}
         self.table.update_item(
             Key=round_key(run_id, round_index),
-            UpdateExpression="SET " + ", ".join(f"#m{index} = :m{index}" for index in range(len(metrics))),
+            UpdateExpression="SET " + ", ".join(f"#m{index} = :m{index}" for index in range(len(fields))),
             ExpressionAttributeNames=names,
             ExpressionAttributeValues=_dynamo(values),
         )
 
-    def list_rounds(self, run_id: str) -> list[dict[str, Any]]:
+    def list_rounds(self, run_id: str) -> list[RoundRecord]:
         """The run's round items in order (one Query, paginated)."""
-        items: list[dict[str, Any]] = []
+        records: list[RoundRecord] = []
         kwargs: dict[str, Any] = {
             "KeyConditionExpression": "pk = :pk AND begins_with(sk, :prefix)",
             "ExpressionAttributeValues": {":pk": f"RUN#{run_id}", ":prefix": ROUND_PREFIX},
@@ -290,9 +453,9 @@ class StatusTable:
         }
         while True:
             page = self.table.query(**kwargs)
-            items.extend(_plain(item) for item in page.get("Items", []))
+            records.extend(RoundRecord.from_item(item) for item in page.get("Items", []))
             if "LastEvaluatedKey" not in page:
-                return items
+                return records
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     # --- plumbing ---------------------------------------------------------------------------------------
@@ -313,21 +476,6 @@ class StatusTable:
                 raise CoordinationConflictError(conflict_message) from exc
             raise
         return response.get("Attributes", {})
-
-
-def _run_status(item: dict[str, Any]) -> RunStatus:
-    return RunStatus(
-        run_id=item["pk"].removeprefix("RUN#"),
-        state=item["state"],
-        round_index=int(item["round"]),
-        total_rounds=int(item["total_rounds"]),
-        epochs_done=int(item["epochsdone"]),
-        generation=int(item["generation"]),
-        fanned_out=int(item.get("fanned_out", -1)),
-        config=TrainConfig(**json.loads(item["config"])),
-        reason=item.get("reason"),
-        export_bucket=item.get("export_bucket"),
-    )
 
 
 def _dynamo(value: Any) -> Any:

@@ -8,13 +8,8 @@ import logging
 from typing import Any
 
 from trainer import logs
-from trainer.coordination import (
-    FAILED,
-)
-from trainer.protocol import (
-    CombineEvent,
-    FailureRecord,
-)
+from trainer.coordination import FAILED
+from trainer.protocol import CombineEvent, FailureRecord
 from trainer.services import Services
 
 log = logging.getLogger(__name__)
@@ -33,15 +28,10 @@ def handle_failure(record: FailureRecord, services: Services) -> dict[str, Any]:
         return _retry_start(record, services)
     logs.bind_more(run_id=failed.run_id, round=failed.round_index)
     run = services.status.get_run(failed.run_id)
-    current = run is not None and run.active and run.round_index == failed.round_index
     unfinished_fan_out = (
-        run is not None
-        and run.active
-        and isinstance(failed, CombineEvent)
-        and run.round_index == failed.round_index + 1
-        and run.fanned_out < run.round_index
+        isinstance(failed, CombineEvent) and run is not None and run.awaits_fan_out_after(failed.round_index)
     )
-    if run is None or not (current or unfinished_fan_out):
+    if run is None or not (run.is_current(failed.round_index) or unfinished_fan_out):
         logs.event(log, "stale_failure_ignored", error=record.error_message)
         return {"status": "ignored"}
     kind = "combine" if isinstance(failed, CombineEvent) else f"worker {failed.worker_index}"

@@ -24,13 +24,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from trainer.config import TrainConfig
+from trainer.config import MAX_WORKERS, TrainConfig
 from trainer.efs_layout import check_name
 from trainer.errors import InvalidEventError
 
 START_PREFIX = "start/"
 START_SUFFIX = ".json"
-MAX_WORKERS = 256
 
 
 @dataclass(frozen=True)

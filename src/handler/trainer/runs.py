@@ -1,4 +1,4 @@
-"""A run's lifecycle: start (direct or from an S3 object), resume, stop, and the fan-out of a round's workers.
+"""A run's lifecycle: start (direct or from an S3 object), resume and stop.
 
 Starting is idempotent: a redelivered start with the same id and configuration finishes a crashed first delivery
 or does nothing."""
@@ -13,18 +13,11 @@ import numpy as np
 from botocore.exceptions import ClientError
 
 from trainer import config, logs
-from trainer.coordination import (
-    RunStatus,
-)
+from trainer.coordination import RunStatus
 from trainer.efs_layout import EfsLayout, save_arrays, write_json
 from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError, TrainingError
-from trainer.protocol import (
-    S3StartEvent,
-    StartEvent,
-    StopEvent,
-    WorkerEvent,
-    parse_start_object,
-)
+from trainer.fan_out import fan_out
+from trainer.protocol import S3StartEvent, StartEvent, StopEvent, parse_start_object
 from trainer.schedule import Schedule
 from trainer.services import Services, dataset_for, initial_weights, require_run
 
@@ -61,14 +54,8 @@ def start_run(
     run_id = event.run_id or default_run_id
     logs.bind_more(run_id=run_id)
     dataset = dataset_for(cfg, services.layout)  # a missing dataset fails here, before anything is written
-    schedule = Schedule(cfg, len(dataset.train_x))
-    if schedule.shard_size < 1:
-        raise InvalidEventError(f"workers {cfg.workers} exceeds the {len(dataset.train_x)} training examples")
-    if schedule.rounds_per_epoch > schedule.shard_size:
-        raise InvalidEventError(
-            f"rounds_per_epoch {schedule.rounds_per_epoch} exceeds the {schedule.shard_size} examples per worker "
-            "shard; some workers would have nothing to train on"
-        )
+    planned = RunStatus.new(run_id, cfg, len(dataset.train_x), export_bucket)
+    _check_plan(planned.schedule)
     run = services.status.get_run(run_id)
     if run is None and services.layout.run_dir(run_id).exists():
         raise LayoutError(
@@ -78,9 +65,9 @@ def start_run(
     if run is None:
         weights = initial_weights(cfg, services.layout.root)  # validates a weights file too
         with contextlib.suppress(CoordinationConflictError):  # a concurrent duplicate won: checked below
-            services.status.create_run(run_id, cfg, schedule.total_rounds, export_bucket)
+            services.status.create_run(planned)
             _write_initial_state(run_id, cfg, weights, services.layout)
-            logs.event(log, "run_created", total_rounds=schedule.total_rounds, config=cfg.to_dict())
+            logs.event(log, "run_created", total_rounds=planned.total_rounds, config=cfg.to_dict())
         run = require_run(run_id, services)
     if run.config != cfg:
         raise CoordinationConflictError(
@@ -93,6 +80,19 @@ def start_run(
         _write_initial_state(run_id, cfg, initial_weights(cfg, services.layout.root), services.layout)
     fan_out(run, 0, services)
     return {"status": "started", "run": run_id, "workers": cfg.workers, "total_rounds": run.total_rounds}
+
+
+def _check_plan(schedule: Schedule) -> None:
+    """Every worker must have examples to train on in every round."""
+    if schedule.shard_size < 1:
+        raise InvalidEventError(
+            f"workers {schedule.config.workers} exceeds the {schedule.num_train} training examples"
+        )
+    if schedule.rounds_per_epoch > schedule.shard_size:
+        raise InvalidEventError(
+            f"rounds_per_epoch {schedule.rounds_per_epoch} exceeds the {schedule.shard_size} examples per worker "
+            "shard; some workers would have nothing to train on"
+        )
 
 
 def _write_initial_state(
@@ -119,18 +119,6 @@ def _resume_run(event: StartEvent, services: Services) -> dict[str, Any]:
     return {"status": "resumed", "run": run.run_id, "round": run.round_index}
 
 
-def fan_out(run: RunStatus, round_index: int, services: Services) -> None:
-    schedule = Schedule(run.config, len(dataset_for(run.config, services.layout).train_x))
-    epochs_done = schedule.epoch_of(round_index)
-    events = [
-        WorkerEvent(run.run_id, round_index, worker, run.config.workers, epochs_done).to_wire()
-        for worker in range(run.config.workers)
-    ]
-    services.invoker.invoke_async(events)
-    services.status.mark_fanned_out(run.run_id, round_index)
-    logs.event(log, "workers_invoked", round=round_index, workers=len(events))
-
-
 # --- stop ------------------------------------------------------------------------------------------------
 
 
@@ -140,6 +128,3 @@ def stop_run(event: StopEvent, services: Services) -> dict[str, Any]:
     requested = services.status.request_stop(event.run_id)
     logs.event(log, "stop_requested" if requested else "stop_ignored", state=run.state)
     return {"status": "stop_requested" if requested else "ignored", "run": event.run_id}
-
-
-# Errors that a retry cannot fix: the event itself is wrong, or another invocation already won.

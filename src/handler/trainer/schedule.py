@@ -76,4 +76,5 @@ class Schedule:
         return np.array_split(shard, self.rounds_per_epoch)[chunk]
 
     def steps(self, num_examples: int) -> int:
-        return math.ceil(num_examples / self.config.batch_size)
+        """Local steps (mini-batches, the last one possibly short) to train on ``num_examples`` examples."""
+        return max(1, math.ceil(num_examples / self.config.batch_size))

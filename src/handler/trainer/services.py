@@ -1,5 +1,5 @@
 """What every flow needs: the adapters (EFS layout, status table, invoker, S3), warm-container caches of the
-model and the dataset map, and two lookups that fail clearly (the run item, the round's global weights)."""
+model, and two lookups that fail clearly (the run item, the round's global weights)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,11 @@ def model_for(cfg: config.TrainConfig, efs_root: Path) -> keras.Model:
         _models[key] = _build(cfg, efs_root)
     logs.bind_more(container="cold" if cold else "warm")
     return _models[key]
+
+
+def clear_warm_caches() -> None:
+    """Forget the cached model, as a new (cold) container would start without it."""
+    _models.clear()
 
 
 def initial_weights(cfg: config.TrainConfig, efs_root: Path) -> list[np.ndarray]:

@@ -83,18 +83,18 @@ def train_steps(
     model: keras.Model,
     dataset: data.Dataset,
     indices: np.ndarray,
+    total_steps: int,
     config: TrainConfig,
     state: LocalState,
     augment_seed: tuple[int, ...],
     seconds_left: Callable[[], float],
     margin_s: float,
 ) -> bool:
-    """Run steps ``state.next_step ...`` over ``indices``; True when the round's share is done.
+    """Run steps ``state.next_step ... total_steps - 1`` over ``indices``; True when the round's share is done.
 
     Each step's augmentation is seeded by ``augment_seed + (step,)``, so a continued round draws exactly what an
     uninterrupted one would have.
     """
-    total_steps = max(1, -(-len(indices) // config.batch_size))
     timer = StepTimer()
     while state.next_step < total_steps:
         estimate = timer.estimate()

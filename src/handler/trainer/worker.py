@@ -11,19 +11,14 @@ import logging
 import time
 from typing import Any
 
+import keras
 import numpy as np
 
 from trainer import logs, models, training
-from trainer.coordination import (
-    RunStatus,
-)
+from trainer.coordination import RunStatus
 from trainer.efs_layout import load_arrays, save_arrays
 from trainer.errors import CoordinationConflictError, InvalidEventError, TrainingError
-from trainer.protocol import (
-    CombineEvent,
-    WorkerEvent,
-)
-from trainer.schedule import Schedule
+from trainer.protocol import CombineEvent, WorkerEvent
 from trainer.services import Services, dataset_for, load_global_weights, model_for, require_run
 
 log = logging.getLogger(__name__)
@@ -34,83 +29,126 @@ def run_worker(event: WorkerEvent, services: Services, context: Any) -> dict[str
     run = require_run(event.run_id, services)
     if event.num_workers != run.config.workers:
         raise InvalidEventError(f"workers {event.num_workers} does not match the run's {run.config.workers}")
-    if not run.active or run.round_index != event.round_index:
+    if not run.is_current(event.round_index):
         logs.event(log, "stale_worker_event_ignored", run_round=run.round_index, state=run.state)
         return {"status": "ignored", "reason": f"run is {run.state} at round {run.round_index}"}
-    update_path = services.layout.update_path(event.run_id, event.round_index, event.worker_index)
-    if update_path.exists():
+    if services.layout.update_path(event.run_id, event.round_index, event.worker_index).exists():
         logs.event(log, "update_already_written")
     else:
-        outcome = _train_share(event, run, services, context)
-        if outcome is not None:
-            return outcome
+        continued = train_share(event, run, services, context)
+        if continued is not None:
+            return continued
     return _register(event, run, services)
 
 
-def _train_share(
+def train_share(
     event: WorkerEvent, run: RunStatus, services: Services, context: Any
 ) -> dict[str, Any] | None:
-    """Train this worker's share of the round; None when the update is written, else the continuation."""
-    cfg, layout = run.config, services.layout
+    """Train this worker's share of the round: None once its update is written, else the continuation's result.
+
+    1. load the round's global weights (or the saved state of an interrupted share) into the model;
+    2. train the share's mini-batches until done or the deadline is near;
+    3. done: write the update; short of time: save the state and invoke a continuation of this event.
+    """
     began = time.perf_counter()
-    dataset = dataset_for(cfg, layout)
-    schedule = Schedule(cfg, len(dataset.train_x))
-    logs.bind_more(epoch=schedule.epoch_of(event.round_index))
-    model = model_for(cfg, layout.root)
-    global_weights = load_global_weights(layout.weights_path(run.run_id, event.round_index), model)
-    model.set_weights(global_weights)
-    training.reset_optimizer(model, schedule.learning_rate(event.round_index))
-    state = training.LocalState()
-    partial_path = layout.partial_path(run.run_id, event.round_index, event.worker_index)
-    if partial_path.exists():
-        # A chained continuation, or a retry after a crash: every saved state is a valid point to go on from,
-        # because each step's batch and augmentation depend only on the step index.
-        arrays, meta = load_arrays(partial_path)
-        state = training.LocalState.from_meta(meta)
-        count = len(model.weights)
-        model.set_weights(arrays[:count])
-        training.restore_optimizer_state(model, arrays[count:])
-        state.invocations += 1
-        logs.event(log, "continued_from_saved_state", step=state.next_step, resume_step=event.resume_step)
-    indices = schedule.worker_indices(event.round_index, event.worker_index)
+    dataset = dataset_for(run.config, services.layout)
+    logs.bind_more(epoch=run.schedule.epoch_of(event.round_index))
+    model = model_for(run.config, services.layout.root)
+    global_weights = load_global_weights(services.layout.weights_path(run.run_id, event.round_index), model)
+    state = _restore_local_state(event, run, model, global_weights, services)
+    indices = run.schedule.worker_indices(event.round_index, event.worker_index)
     load_s = time.perf_counter() - began
+
     first_step = state.next_step
     done = training.train_steps(
         model,
         dataset,
         indices,
-        cfg,
+        run.schedule.steps(len(indices)),
+        run.config,
         state,
-        augment_seed=(cfg.seed, event.round_index, event.worker_index),
+        augment_seed=(run.config.seed, event.round_index, event.worker_index),
         seconds_left=lambda: context.get_remaining_time_in_millis() / 1000.0,
         margin_s=services.environment.safety_margin_s,
     )
     steps_now = state.next_step - first_step
-    throughput = (steps_now * cfg.batch_size) / max(state.compute_s, 1e-9) if steps_now else 0.0
     if not done:
-        if steps_now == 0:
-            raise TrainingError("not even one training step fits before the deadline; raise the timeout")
-        write_began = time.perf_counter()
-        size = save_arrays(
-            partial_path, model.get_weights() + training.optimizer_state(model), state.to_meta()
-        )
-        continuation = dataclasses.replace(event, resume_step=state.next_step)
-        services.invoker.invoke_async([continuation.to_wire()])
-        logs.event(
-            log,
-            "round_continued",
-            next_step=state.next_step,
-            size_bytes=size,
-            load_s=round(load_s, 3),
-            write_s=round(time.perf_counter() - write_began, 3),
-        )
-        return {"status": "continued", "next_step": state.next_step}
-    write_began = time.perf_counter()
-    trainable = models.trainable_mask(model)
-    dtype = np.dtype(cfg.update_dtype)
+        return _continue_later(event, run, model, state, steps_now, load_s, services)
+    _write_update(event, run, model, global_weights, state, steps_now, load_s, services)
+    return None
+
+
+def _restore_local_state(
+    event: WorkerEvent,
+    run: RunStatus,
+    model: keras.Model,
+    global_weights: list[np.ndarray],
+    services: Services,
+) -> training.LocalState:
+    """The model at the round's start (global weights, zero momentum, the round's learning rate), or where a
+    saved state left it. Every saved state is a valid point to go on from (a chained continuation or a retry
+    after a crash), because each step's batch and augmentation depend only on the step index."""
+    model.set_weights(global_weights)
+    training.reset_optimizer(model, run.schedule.learning_rate(event.round_index))
+    partial_path = services.layout.partial_path(run.run_id, event.round_index, event.worker_index)
+    if not partial_path.exists():
+        return training.LocalState()
+    arrays, meta = load_arrays(partial_path)
+    state = training.LocalState.from_meta(meta)
+    count = len(model.weights)
+    model.set_weights(arrays[:count])
+    training.restore_optimizer_state(model, arrays[count:])
+    state.invocations += 1
+    logs.event(log, "continued_from_saved_state", step=state.next_step, resume_step=event.resume_step)
+    return state
+
+
+def _continue_later(
+    event: WorkerEvent,
+    run: RunStatus,
+    model: keras.Model,
+    state: training.LocalState,
+    steps_now: int,
+    load_s: float,
+    services: Services,
+) -> dict[str, Any]:
+    """Save the model and optimizer state, then invoke this event again from the next step."""
+    if steps_now == 0:
+        raise TrainingError("not even one training step fits before the deadline; raise the timeout")
+    began = time.perf_counter()
+    partial_path = services.layout.partial_path(run.run_id, event.round_index, event.worker_index)
+    size = save_arrays(partial_path, model.get_weights() + training.optimizer_state(model), state.to_meta())
+    continuation = dataclasses.replace(event, resume_step=state.next_step)
+    services.invoker.invoke_async([continuation.to_wire()])
+    logs.event(
+        log,
+        "round_continued",
+        next_step=state.next_step,
+        size_bytes=size,
+        load_s=round(load_s, 3),
+        write_s=round(time.perf_counter() - began, 3),
+    )
+    return {"status": "continued", "next_step": state.next_step}
+
+
+def _write_update(
+    event: WorkerEvent,
+    run: RunStatus,
+    model: keras.Model,
+    global_weights: list[np.ndarray],
+    state: training.LocalState,
+    steps_now: int,
+    load_s: float,
+    services: Services,
+) -> None:
+    """Write the update: deltas of trainable weights (in ``update_dtype``), values of BatchNorm statistics."""
+    began = time.perf_counter()
+    dtype = np.dtype(run.config.update_dtype)
     update = [
         (local - start).astype(dtype) if is_trainable else local
-        for local, start, is_trainable in zip(model.get_weights(), global_weights, trainable, strict=True)
+        for local, start, is_trainable in zip(
+            model.get_weights(), global_weights, models.trainable_mask(model), strict=True
+        )
     ]
     meta = {
         "worker": event.worker_index,
@@ -123,8 +161,10 @@ def _train_share(
         "attempt": event.attempt,
         "invocations": state.invocations,
     }
+    layout = services.layout
     size = save_arrays(layout.update_path(run.run_id, event.round_index, event.worker_index), update, meta)
-    partial_path.unlink(missing_ok=True)
+    layout.partial_path(run.run_id, event.round_index, event.worker_index).unlink(missing_ok=True)
+    throughput = (steps_now * run.config.batch_size) / max(state.compute_s, 1e-9) if steps_now else 0.0
     logs.event(
         log,
         "update_written",
@@ -134,10 +174,9 @@ def _train_share(
         examples_per_s=round(throughput, 1),
         load_s=round(load_s, 3),
         compute_s=round(state.compute_s, 3),
-        write_s=round(time.perf_counter() - write_began, 3),
+        write_s=round(time.perf_counter() - began, 3),
         size_bytes=size,
     )
-    return None
 
 
 def _register(event: WorkerEvent, run: RunStatus, services: Services) -> dict[str, Any]:

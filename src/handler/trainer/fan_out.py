@@ -1,0 +1,26 @@
+"""Signal a round: send one worker event per worker, then record that the round was fanned out.
+
+Called by the start, resume and combine flows, and by whoever finds a committed round whose fan-out was cut
+short. Sending twice is safe: workers of a round are idempotent."""
+
+from __future__ import annotations
+
+import logging
+
+from trainer import logs
+from trainer.coordination import RunStatus
+from trainer.protocol import WorkerEvent
+from trainer.services import Services
+
+log = logging.getLogger(__name__)
+
+
+def fan_out(run: RunStatus, round_index: int, services: Services) -> None:
+    epochs_done = run.schedule.epoch_of(round_index)
+    events = [
+        WorkerEvent(run.run_id, round_index, worker, run.config.workers, epochs_done).to_wire()
+        for worker in range(run.config.workers)
+    ]
+    services.invoker.invoke_async(events)
+    services.status.mark_fanned_out(run.run_id, round_index)
+    logs.event(log, "workers_invoked", round=round_index, workers=len(events))
