@@ -16,8 +16,9 @@ Usage::
     .venv/bin/python bench/trainer_bench.py overhead --width 1.0 --batch-size 128 --steps 4
     .venv/bin/python bench/trainer_bench.py memory --width 1.0 --batch-size 128 --steps 3
 
-Data: ``--efs-root`` with a prepared ``datasets/cifar10`` (``make preprocess``), or a synthetic 50,000-image set of
-random pixels (the default; throughput does not depend on pixel values).
+Data: ``--efs-root`` with a prepared ``datasets/cifar10`` (``make preprocess``), or the tests' synthetic dataset
+(:mod:`prep.synthetic`) at CIFAR-10's size, 50,000 + 10,000 images (the default; throughput does not depend on
+pixel values).
 """
 
 from __future__ import annotations
@@ -43,21 +44,7 @@ os.environ.setdefault("LOG_LEVEL", "WARNING")  # the handler's JSON logs would d
 import numpy as np  # noqa: E402
 
 from localrun import dynamodb_local  # noqa: E402
-
-
-def synthetic_dataset(root: Path, num_train: int = 50_000, num_test: int = 10_000) -> None:
-    directory = root / "datasets" / "cifar10"
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    manifest: dict[str, Any] = {"format_version": 1, "dataset": "cifar10", "label_names": [], "arrays": {}}
-    for split, count in (("train", num_train), ("test", num_test)):
-        for name, array in (
-            (f"{split}_x", rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)),
-            (f"{split}_y", rng.integers(0, 10, count, dtype=np.uint8)),
-        ):
-            np.save(directory / f"{name}.npy", array)
-            manifest["arrays"][name] = {"file": f"{name}.npy", "shape": list(array.shape), "dtype": "uint8"}
-    (directory / "manifest.json").write_text(json.dumps(manifest))
+from prep import synthetic  # noqa: E402
 
 
 class NullInvoker:
@@ -215,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lambdatrain-bench-") as scratch:
         efs_root = args.efs_root or Path(scratch)
         if args.efs_root is None:
-            synthetic_dataset(efs_root)
+            synthetic.write_synthetic_dataset(efs_root / "datasets" / "cifar10", 50_000, 10_000)
         with dynamodb_local.DynamoDBLocal() as database:
             bench = Bench(efs_root, database)
             measure = {"throughput": run_throughput, "overhead": run_overhead, "memory": run_memory}[

@@ -22,7 +22,8 @@ dataset stays as it was. The handler returns ``{"dataset", "directory", "files",
 This module also owns what the dataset folder looks like (:data:`ARRAY_NAMES`, :data:`MANIFEST_FILE`,
 :data:`FORMAT_VERSION`) and the atomic-folder helpers (:func:`temporary_directory_beside`,
 :func:`replace_directory`, ...). ``prep.cifar`` reuses both: they live here because this module has to stay
-self-contained in the Lambda zip, and one copy cannot drift from another.
+self-contained in the Lambda zip, and one copy cannot drift from another. The trainer, a separate image, keeps
+its reader's side in ``trainer.efs_layout``; ``tests/unit/test_dataset_contract.py`` checks that the two agree.
 """
 
 from __future__ import annotations

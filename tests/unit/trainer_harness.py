@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import json
 import threading
 import uuid
 from collections.abc import Callable
@@ -19,29 +18,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+from prep import synthetic
 from trainer.coordination import RunStatus
 
 NUM_CLASSES = 10
 
 
 def write_synthetic_dataset(directory: Path, num_train: int = 240, num_test: int = 80, seed: int = 0) -> None:
-    """A learnable stand-in for CIFAR-10 (class = brightness band) in the layout ``prep`` writes."""
-    directory.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    manifest: dict[str, Any] = {
-        "format_version": 1,
-        "dataset": directory.name,
-        "label_names": [f"class{index}" for index in range(NUM_CLASSES)],
-        "arrays": {},
-    }
-    for split, count in (("train", num_train), ("test", num_test)):
-        labels = (np.arange(count) % NUM_CLASSES).astype(np.uint8)
-        rng.shuffle(labels)
-        images = (rng.integers(0, 40, (count, 32, 32, 3)) + labels[:, None, None, None] * 22).astype(np.uint8)
-        for name, array in ((f"{split}_x", images), (f"{split}_y", labels)):
-            np.save(directory / f"{name}.npy", array)
-            manifest["arrays"][name] = {"file": f"{name}.npy", "shape": list(array.shape), "dtype": "uint8"}
-    (directory / "manifest.json").write_text(json.dumps(manifest))
+    synthetic.write_synthetic_dataset(directory, num_train, num_test, seed)
 
 
 @dataclasses.dataclass

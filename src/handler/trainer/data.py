@@ -12,13 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.efs_layout import read_json
+from trainer.efs_layout import DATASET_ARRAYS, DATASET_FORMAT_VERSION, MANIFEST_FILE, read_json
 from trainer.errors import LayoutError
 
 log = logging.getLogger(__name__)
 
-ARRAY_NAMES = ("train_x", "train_y", "test_x", "test_y")
-SUPPORTED_FORMAT = 1
 _cache: dict[tuple[str, float], Dataset] = {}
 
 
@@ -41,7 +39,7 @@ class Dataset:
 
 def open_dataset(directory: Path) -> Dataset:
     """Map a prepared dataset; cached per manifest version so warm invocations skip the checks."""
-    manifest_path = directory / "manifest.json"
+    manifest_path = directory / MANIFEST_FILE
     try:
         stamp = manifest_path.stat().st_mtime
     except FileNotFoundError as exc:
@@ -54,15 +52,16 @@ def open_dataset(directory: Path) -> Dataset:
 
 
 def _load(directory: Path, manifest: dict) -> Dataset:
-    if manifest.get("format_version") != SUPPORTED_FORMAT:
+    if manifest.get("format_version") != DATASET_FORMAT_VERSION:
         raise LayoutError(
-            f"{directory}/manifest.json: format_version {manifest.get('format_version')!r}, expected {SUPPORTED_FORMAT}"
+            f"{directory}/{MANIFEST_FILE}: format_version {manifest.get('format_version')!r}, "
+            f"expected {DATASET_FORMAT_VERSION}"
         )
     arrays = {}
-    for name in ARRAY_NAMES:
+    for name in DATASET_ARRAYS:
         spec = manifest.get("arrays", {}).get(name)
         if not spec:
-            raise LayoutError(f"{directory}/manifest.json: no entry for array {name!r}")
+            raise LayoutError(f"{directory}/{MANIFEST_FILE}: no entry for array {name!r}")
         path = directory / spec["file"]
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)

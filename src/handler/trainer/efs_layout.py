@@ -12,6 +12,11 @@ Layout (``<root>`` is ``EFS_ROOT``)::
 
 Writers create a temporary name in the target's directory, fsync, then ``os.replace``; readers and the
 combiner only ever look at final names, so a crash never leaves a half-written file where one is counted.
+
+The dataset folder's names (:data:`DATASETS_DIR`, :data:`MANIFEST_FILE`, :data:`DATASET_ARRAYS`,
+:data:`DATASET_FORMAT_VERSION`), :data:`TMP_PREFIX` and :func:`fsync_directory` are the trainer's side of the
+contract with ``prep``, which writes the folder; ``prep.stage`` keeps its own copy because the staging function
+is a self-contained zip, and ``tests/unit/test_dataset_contract.py`` checks that the two agree.
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ import numpy as np
 from trainer.errors import InvalidEventError, LayoutError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"  # a name being written; never counted
+DATASETS_DIR = "datasets"  # <root>/datasets/<dataset>/
+MANIFEST_FILE = "manifest.json"
+DATASET_FORMAT_VERSION = 1  # the manifest's format_version this trainer reads
+DATASET_ARRAYS = ("train_x", "train_y", "test_x", "test_y")  # each listed in the manifest's "arrays"
 _META_KEY = "__meta__"
 _UPDATE_RE = re.compile(r"^worker-(\d{4})\.npz$")
 
@@ -50,7 +59,7 @@ class EfsLayout:
     root: Path
 
     def dataset_dir(self, dataset: str) -> Path:
-        return self.root / "datasets" / check_name("dataset", dataset)
+        return self.root / DATASETS_DIR / check_name("dataset", dataset)
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / check_name("run", run_id)
@@ -102,11 +111,12 @@ def atomic_writer(path: Path) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    fsync_directory(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system lets a directory be fsynced
+def fsync_directory(directory: Path) -> None:
+    """Make renames and new names in ``directory`` durable; a no-op where the file system cannot."""
+    with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
