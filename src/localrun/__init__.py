@@ -9,8 +9,12 @@ Modules, one concept each:
 - ``lambda_api``      the Lambda Invoke API on 127.0.0.1, reached through ``AWS_ENDPOINT_URL_LAMBDA``
 - ``dynamodb_local``  DynamoDB Local's lifecycle and the status table built from ``template.yaml``
 - ``environment``     the handler processes' environment and local boto3 client settings
+- ``settings``        one function's settings (SAM's view plus concurrency) and their defaults
+- ``runtime``         DynamoDB Local, the Invoke API and one function as one context manager
 - ``progress``        a run's progress read from DynamoDB, as an operator would see it
-- ``cli``             ``lambdatrain local``
+- ``monitor``         following a run: refusing or resuming it, progress, failures, Ctrl-C as a stop request
+- ``start_event``     the start event from options derived from ``TrainConfig``'s fields
+- ``cli``             ``lambdatrain local``: the parser, data preparation, and the command in order
 
 Nothing here is deployed, and nothing here knows how training works.
 """

@@ -31,35 +31,13 @@ from typing import Any
 
 from localrun import faults as faults_module
 from localrun import pool as pool_module
+from localrun import settings as settings_module
 
 log = logging.getLogger(__name__)
 
 EVENT = "Event"
 REQUEST_RESPONSE = "RequestResponse"
 HISTORY_LIMIT = 10_000
-LAMBDA_DESTINATION = "lambda"  # the record itself is the event
-SQS_DESTINATION = "sqs"  # the record is the body of the one message of an aws:sqs event
-FAILURE_DESTINATIONS = (LAMBDA_DESTINATION, SQS_DESTINATION)
-
-
-@dataclass(frozen=True)
-class AsyncConfig:
-    """The function's ``EventInvokeConfig``."""
-
-    maximum_retry_attempts: int = 0  # 0-2, as in Lambda
-    retry_delay_s: float = 1.0  # Lambda waits about 1 min, then 2 min; locally a second is enough
-    deliver_failure_records: bool = True  # the OnFailure destination leads back to this same function
-    failure_destination: str = (
-        LAMBDA_DESTINATION  # how the record arrives: "lambda" (as is) or "sqs" (wrapped)
-    )
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.maximum_retry_attempts <= 2:
-            raise ValueError(f"maximum_retry_attempts must be 0, 1 or 2, got {self.maximum_retry_attempts}")
-        if self.failure_destination not in FAILURE_DESTINATIONS:
-            raise ValueError(
-                f"failure_destination must be one of {list(FAILURE_DESTINATIONS)}, got {self.failure_destination!r}"
-            )
 
 
 @dataclass(frozen=True)
@@ -88,16 +66,13 @@ class LocalFunction:
 
     def __init__(
         self,
-        config: pool_module.FunctionConfig,
-        concurrency: int = pool_module.DEFAULT_CONCURRENCY,
-        async_config: AsyncConfig | None = None,
+        config: settings_module.FunctionSettings,
         faults: faults_module.FaultPlan | None = None,
         log_path: Path | None = None,
     ) -> None:
         self.config = config
-        self.async_config = async_config or AsyncConfig()
         self.faults = faults or faults_module.FaultPlan()
-        self.pool = pool_module.WorkerPool(config, concurrency=concurrency, log_path=log_path)
+        self.pool = pool_module.WorkerPool(config, log_path=log_path)
         self.history: collections.deque[CompletedInvocation] = collections.deque(maxlen=HISTORY_LIMIT)
         self._listeners: list[Callable[[CompletedInvocation], None]] = []
         self._queue: list[_QueuedEvent] = []
@@ -107,7 +82,7 @@ class LocalFunction:
         self._closed = False
         self._dispatchers = [
             threading.Thread(target=self._dispatch_forever, name=f"localrun-dispatch-{index}", daemon=True)
-            for index in range(concurrency)
+            for index in range(config.concurrency)
         ]
         for thread in self._dispatchers:
             thread.start()
@@ -224,18 +199,18 @@ class LocalFunction:
         self._record(CompletedInvocation(EVENT, event, result, item.attempt, item.failure_record))
         if result.ok or self._closed:
             return
-        if item.attempt <= self.async_config.maximum_retry_attempts:
+        if item.attempt <= self.config.maximum_retry_attempts:
             log.warning(
                 "event_retry_scheduled",
                 extra={"request_id": item.request_id, "attempt": item.attempt + 1},
             )
-            due = time.monotonic() + self.async_config.retry_delay_s
+            due = time.monotonic() + self.config.retry_delay_s
             self._enqueue(_QueuedEvent(due, 0, item.request_id, item.payload, item.attempt + 1))
         elif item.failure_record:
             log.error("failure_record_failed", extra={"request_id": item.request_id, **result.error()})
-        elif self.async_config.deliver_failure_records:
+        elif self.config.deliver_failure_records:
             record = failure_record(self.config.arn, item.request_id, event, item.attempt, result.error())
-            if self.async_config.failure_destination == SQS_DESTINATION:
+            if self.config.failure_destination == settings_module.SQS_DESTINATION:
                 record = sqs_event(record, self.config.region, f"{self.config.name}-failures")
             self._enqueue(
                 _QueuedEvent(time.monotonic(), 0, str(uuid.uuid4()), json.dumps(record), failure_record=True)
@@ -291,13 +266,13 @@ def sqs_event(message: Any, region: str, queue_name: str) -> dict[str, Any]:
                 "attributes": {
                     "ApproximateReceiveCount": "1",
                     "SentTimestamp": now_ms,
-                    "SenderId": pool_module.ACCOUNT_ID,
+                    "SenderId": settings_module.ACCOUNT_ID,
                     "ApproximateFirstReceiveTimestamp": now_ms,
                 },
                 "messageAttributes": {},
                 "md5OfBody": hashlib.md5(body.encode()).hexdigest(),
                 "eventSource": "aws:sqs",
-                "eventSourceARN": f"arn:aws:sqs:{region}:{pool_module.ACCOUNT_ID}:{queue_name}",
+                "eventSourceARN": f"arn:aws:sqs:{region}:{settings_module.ACCOUNT_ID}:{queue_name}",
                 "awsRegion": region,
             }
         ]

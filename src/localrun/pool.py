@@ -23,43 +23,19 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from localrun import bootstrap
+from localrun import bootstrap, settings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FUNCTION_NAME = "lambdatrain-trainer"
-DEFAULT_HANDLER = "app.lambda_handler"
-DEFAULT_TIMEOUT_S = 900.0
-DEFAULT_MEMORY_MB = 10240
-DEFAULT_CONCURRENCY = 4
-ACCOUNT_ID = "123456789012"  # the placeholder account of AWS's own examples
 STOP_GRACE_S = 2.0  # how long close() waits for a process to exit before SIGKILL
 
 _CONTEXT = multiprocessing.get_context("spawn")
-
-
-@dataclass(frozen=True)
-class FunctionConfig:
-    """One function, as SAM would describe it: name, Handler, CodeUri, Timeout, MemorySize, Environment."""
-
-    name: str = DEFAULT_FUNCTION_NAME
-    handler: str = DEFAULT_HANDLER
-    code_dir: Path = Path("src/handler")
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    memory_mb: int = DEFAULT_MEMORY_MB
-    environment: Mapping[str, str] = field(default_factory=dict)
-    unset_environment: tuple[str, ...] = ()
-    region: str = "us-east-1"
-
-    @property
-    def arn(self) -> str:
-        return f"arn:aws:lambda:{self.region}:{ACCOUNT_ID}:function:{self.name}"
 
 
 @dataclass(frozen=True)
@@ -91,19 +67,16 @@ class _Worker:
 
 
 class WorkerPool:
-    """Runs invocations of one function in at most ``concurrency`` worker processes."""
+    """Runs invocations of one function in at most ``function.concurrency`` worker processes."""
 
     def __init__(
         self,
-        function: FunctionConfig,
-        concurrency: int = DEFAULT_CONCURRENCY,
+        function: settings.FunctionSettings,
         log_path: Path | None = None,
         init_timeout_s: float | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         self.function = function
-        self.concurrency = concurrency
+        self.concurrency = function.concurrency
         # Lambda allows 10 s of init; TensorFlow's import on a busy laptop can take longer, so allow the timeout.
         self.init_timeout_s = function.timeout_s if init_timeout_s is None else init_timeout_s
         self._spec = bootstrap.RuntimeSpec(
@@ -116,7 +89,7 @@ class WorkerPool:
             unset_environment=tuple(function.unset_environment),
             log_path=log_path,
         )
-        self._slots = threading.BoundedSemaphore(concurrency)
+        self._slots = threading.BoundedSemaphore(function.concurrency)
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []  # a stack: the most recently used process is reused first
         self._busy: set[int] = set()  # pids of processes running an invocation (or starting)

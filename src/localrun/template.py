@@ -12,7 +12,6 @@ long JSON forms (``{"Ref": ...}``, ``{"Fn::Sub": ...}``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,21 +101,13 @@ def _reject_intrinsics(value: Any, logical_id: str) -> None:
             _reject_intrinsics(item, logical_id)
 
 
-@dataclass(frozen=True)
-class FunctionSettings:
-    """A function's settings as deployed; None where the template does not say (or says it with an expression)."""
-
-    timeout_s: float | None = None
-    memory_mb: int | None = None
-    maximum_retry_attempts: int | None = None
-    failure_destination: str | None = None  # "sqs" or "lambda": the OnFailure destination's type
-
-
-def function_settings(template: Mapping[str, Any], logical_id: str = TRAINER_FUNCTION_ID) -> FunctionSettings:
-    """Read a function's Timeout, MemorySize and EventInvokeConfig (falling back to ``Globals.Function``)."""
+def function_settings(template: Mapping[str, Any], logical_id: str = TRAINER_FUNCTION_ID) -> dict[str, Any]:
+    """A function's Timeout, MemorySize and EventInvokeConfig (falling back to ``Globals.Function``), as
+    :class:`~localrun.settings.FunctionSettings` field values; what the template does not say (or says with an
+    expression) is left out."""
     resource = (template.get("Resources") or {}).get(logical_id)
     if not isinstance(resource, Mapping):
-        return FunctionSettings()
+        return {}
     properties = resource.get("Properties") or {}
     globals_ = (template.get("Globals") or {}).get("Function") or {}
     parameters = template.get("Parameters") or {}
@@ -131,9 +122,10 @@ def function_settings(template: Mapping[str, Any], logical_id: str = TRAINER_FUN
     retries = invoke_config.get("MaximumRetryAttempts")
     on_failure = ((invoke_config.get("DestinationConfig") or {}).get("OnFailure") or {}).get("Type")
     timeout, memory = setting("Timeout"), setting("MemorySize")
-    return FunctionSettings(
-        timeout_s=float(timeout) if timeout is not None else None,
-        memory_mb=int(memory) if memory is not None else None,
-        maximum_retry_attempts=retries if isinstance(retries, int) else None,
-        failure_destination=str(on_failure).lower() if on_failure in ("SQS", "Lambda") else None,
-    )
+    declared = {
+        "timeout_s": float(timeout) if timeout is not None else None,
+        "memory_mb": int(memory) if memory is not None else None,
+        "maximum_retry_attempts": retries if isinstance(retries, int) else None,
+        "failure_destination": str(on_failure).lower() if on_failure in ("SQS", "Lambda") else None,
+    }
+    return {name: value for name, value in declared.items() if value is not None}

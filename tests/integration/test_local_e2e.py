@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from localrun import cli, dynamodb_local
+from localrun import cli, dynamodb_local, runtime
 from trainer import coordination
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "cifar10-tiny.tar.gz"
@@ -43,7 +43,7 @@ def test_local_run_trains_on_the_fixture_and_leaves_nothing_running(
     with dynamodb_local.DynamoDBLocal(
         db_path=state_dir / "dynamodb"
     ) as database:  # what the run left on disk
-        status = coordination.StatusTable(database.resource().Table(cli.DEFAULT_TABLE))
+        status = coordination.StatusTable(database.resource().Table(runtime.DEFAULT_TABLE))
         run = status.get_run("tiny")
         rounds = status.list_rounds("tiny")
     assert run is not None and run.state == coordination.SUCCEEDED

@@ -170,33 +170,24 @@ def serve(
     faults: Any = None,
     extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[Any, Any, Path]]:
-    """A toy function behind a running Invoke API: yields ``(function, api, notes_dir)``."""
-    from localrun import environment, function, lambda_api, pool
+    """A toy function behind a running Invoke API (no DynamoDB): yields ``(function, api, notes_dir)``."""
+    from localrun import runtime, settings
 
     notes_dir = tmp_path / f"notes-{uuid.uuid4().hex[:6]}"
     notes_dir.mkdir()
-    with lambda_api.LambdaApiServer([]) as api:
-        config = pool.FunctionConfig(
-            name="toy",
-            handler=handler,
-            code_dir=HERE,
-            timeout_s=timeout_s,
-            environment=environment.handler_environment(
-                function_name="toy",
-                efs_root=tmp_path / "efs",
-                status_table="unused",
-                lambda_endpoint_url=api.endpoint_url,
-                dynamodb_endpoint_url="http://127.0.0.1:9",
-                memory_mb=pool.DEFAULT_MEMORY_MB,
-                extra={"NOTES_DIR": str(notes_dir), **(extra_env or {})},
-            ),
-            unset_environment=environment.UNSET_FOR_HANDLER,
-        )
-        async_config = function.AsyncConfig(
-            maximum_retry_attempts=maximum_retry_attempts,
-            retry_delay_s=0.1,
-            failure_destination=failure_destination,
-        )
-        with function.LocalFunction(config, concurrency, async_config, faults) as local_function:
-            api.add_function(local_function)
-            yield local_function, api, notes_dir
+    toy = settings.FunctionSettings(
+        name="toy",
+        handler=handler,
+        code_dir=HERE,
+        timeout_s=timeout_s,
+        environment={"NOTES_DIR": str(notes_dir), **(extra_env or {})},
+        concurrency=concurrency,
+        maximum_retry_attempts=maximum_retry_attempts,
+        retry_delay_s=0.1,
+        failure_destination=failure_destination,
+    )
+    local = runtime.LocalRuntime(
+        toy, efs_root=tmp_path / "efs", table_name="unused", with_dynamodb=False, fault_plan=faults
+    )
+    with local:
+        yield local.function, local.api, notes_dir

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from localrun_handlers import read_notes, serve
 
-from localrun import faults, function
+from localrun import faults, function, settings
 
 
 def deliveries(local_function: function.LocalFunction) -> list[function.CompletedInvocation]:
@@ -60,7 +60,7 @@ def test_sqs_destination_wraps_the_record_as_the_deployed_queue_would(tmp_path: 
     from trainer import protocol
 
     worker_event = {"action": "fail", "workerno": 1, "workers": 2, "epochsdone": 0, "run": "r1", "round": 0}
-    with serve(tmp_path, failure_destination=function.SQS_DESTINATION) as (local_function, _, notes_dir):
+    with serve(tmp_path, failure_destination=settings.SQS_DESTINATION) as (local_function, _, notes_dir):
         request_id = local_function.invoke_async(json.dumps(worker_event))
         assert local_function.wait_idle(timeout_s=10)
         delivered = read_notes(notes_dir)[-1]["event"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -14,7 +15,9 @@ from typing import Any
 import pytest
 from localrun_handlers import HERE
 
-from localrun import cli
+from localrun import cli, monitor, start_event
+from prep import synthetic
+from trainer import config
 
 
 def fake_trainer_args(state_dir: Path, *extra: str) -> list[str]:
@@ -34,10 +37,8 @@ def fake_trainer_args(state_dir: Path, *extra: str) -> list[str]:
 
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
-    """A state directory whose EFS already holds a (fake) prepared dataset."""
-    dataset = tmp_path / "state" / "efs" / "datasets" / "cifar10"
-    dataset.mkdir(parents=True)
-    (dataset / "manifest.json").write_text("{}")
+    """A state directory whose EFS already holds a prepared dataset (the fake trainer never reads it)."""
+    synthetic.write_synthetic_dataset(tmp_path / "state" / "efs" / "datasets" / "cifar10", 10, 10)
     return tmp_path / "state"
 
 
@@ -125,9 +126,35 @@ def test_missing_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str])
 def test_demo_preset_is_overridden_by_named_options() -> None:
     args = cli.main_parser().parse_args(["local", "--demo", "--epochs", "1", "--config", "lr=0.1"])
 
-    event = cli.build_start_event(args, "demo-run")
+    event = start_event.build_start_event(args, "demo-run")
 
-    assert event == {"start": True, "run": "demo-run", **cli.DEMO_PRESET, "epochs": 1, "lr": 0.1}
+    assert event == {"start": True, "run": "demo-run", **start_event.DEMO_PRESET, "epochs": 1, "lr": 0.1}
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--outer-momentum", "0.9"], {"outer_momentum": 0.9}),
+        (["--no-augment"], {"augment": False}),
+        (["--lr-schedule", "constant", "--local-steps", "3"], {"lr_schedule": "constant", "local_steps": 3}),
+        (["--update-dtype", "float16", "--config", "update_dtype=float32"], {"update_dtype": "float16"}),
+    ],
+    ids=["float-field", "bool-field", "str-and-int-fields", "option-beats-config"],
+)
+def test_every_training_field_is_an_option_that_sets_its_start_event_key(
+    argv: list[str], expected: dict[str, Any]
+) -> None:
+    args = cli.main_parser().parse_args(["local", "--workers", "2", *argv])
+
+    event = start_event.build_start_event(args, "r1")
+
+    assert event == {"start": True, "run": "r1", "workers": 2, **expected}
+
+
+def test_options_are_the_training_fields() -> None:
+    args = cli.main_parser().parse_args(["local"])
+
+    assert {field.name for field in dataclasses.fields(config.TrainConfig)} <= set(vars(args))
 
 
 def test_data_is_prepared_only_when_the_manifest_is_missing(
@@ -188,8 +215,8 @@ def test_run_id_that_exists_is_refused_with_the_resume_command(
 def test_run_that_can_no_longer_finish_is_reported(
     state_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli, "POLL_S", 0.2)
-    monkeypatch.setattr(cli, "STALL_POLLS", 3)
+    monkeypatch.setattr(monitor, "POLL_S", 0.2)
+    monkeypatch.setattr(monitor, "STALL_POLLS", 3)
 
     code = cli.main(fake_trainer_args(state_dir, "--run", "lost", "--fault", "kill:start=true"))
 

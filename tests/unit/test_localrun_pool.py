@@ -12,14 +12,16 @@ from typing import Any
 import pytest
 from localrun_handlers import HANDLER, HERE
 
-from localrun import environment, pool
+from localrun import environment, pool, settings
 
 
 def make_pool(
     timeout_s: float = 30.0, concurrency: int = 2, handler: str = HANDLER, **config: Any
 ) -> pool.WorkerPool:
-    function = pool.FunctionConfig(name="toy", handler=handler, code_dir=HERE, timeout_s=timeout_s, **config)
-    return pool.WorkerPool(function, concurrency=concurrency)
+    function = settings.FunctionSettings(
+        name="toy", handler=handler, code_dir=HERE, timeout_s=timeout_s, concurrency=concurrency, **config
+    )
+    return pool.WorkerPool(function)
 
 
 @pytest.fixture

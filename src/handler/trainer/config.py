@@ -94,33 +94,69 @@ def load(environ: Mapping[str, str] | None = None) -> Environment:
 class TrainConfig:
     """Hyperparameters of one run. Every field may be set in the start event; the README documents each."""
 
-    workers: int = 4  # parallel Lambda workers, 1-MAX_WORKERS
-    epochs: int = 10  # passes over the training set
-    model: str = "vgg19_bn"  # "vgg19_bn" (CIFAR VGG-19 with BatchNorm) or "vgg19" (keras.applications)
-    width: float = 1.0  # channel multiplier for vgg19_bn (0.25 = a quarter of the channels)
-    image_size: int = 32  # inputs are resized to this many pixels (the paper's transfer setting: 224)
-    weights: str | None = None  # vgg19 only: None, "imagenet", or a weights file path relative to EFS_ROOT
-    batch_size: int = 128  # per worker, per local step
-    lr: float = 0.02  # local SGD learning rate (peak of the schedule; 0.05 diverges early without warm-up)
-    lr_schedule: str = "cosine"  # "cosine" decay over rounds, or "constant"
-    momentum: float = 0.9  # local SGD momentum (reset at each round)
-    weight_decay: float = 5e-4  # decoupled weight decay of the local optimizer
-    rounds_per_epoch: int = (
-        1  # combines per epoch; each worker trains 1/rounds_per_epoch of its shard per round
+    # metadata["help"]: the option's help in `lambdatrain local`, which has one option per field.
+    # Lambda workers, 1-MAX_WORKERS.
+    workers: int = dataclasses.field(default=4, metadata={"help": "parallel workers"})
+    epochs: int = dataclasses.field(default=10, metadata={"help": "passes over the training set"})
+    # "vgg19_bn" (CIFAR VGG-19 with BatchNorm) or "vgg19" (keras.applications).
+    model: str = dataclasses.field(default="vgg19_bn", metadata={"help": "vgg19_bn or vgg19"})
+    # 0.25 = a quarter of the channels.
+    width: float = dataclasses.field(default=1.0, metadata={"help": "channel multiplier of vgg19_bn"})
+    image_size: int = dataclasses.field(
+        default=32,
+        metadata={"help": "inputs are resized to this many pixels (the paper's transfer setting: 224)"},
     )
-    local_steps: int = 0  # if > 0: mini-batches per worker per round (overrides rounds_per_epoch)
-    outer_lr: float = (
-        1.0  # server learning rate on the averaged update; 1.0 with momentum 0 = plain averaging
+    weights: str | None = dataclasses.field(
+        default=None, metadata={"help": "vgg19 only: imagenet, or a weights file relative to EFS_ROOT"}
     )
-    outer_momentum: float = 0.0  # Nesterov momentum of the outer update (0 disables it)
-    update_dtype: str = "float32"  # dtype of the weight deltas written to EFS ("float16" halves the bytes)
-    eval_every: int = 0  # evaluate every N rounds; 0 = at each epoch end
-    augment: bool = True  # random crop (4 px padding) and horizontal flip
-    seed: int = 0  # seeds initial weights, data order and augmentation
-    dataset: str = "cifar10"  # folder under <EFS_ROOT>/datasets/
-    train_samples: int = 0  # use only the first N training images (0 = all)
-    test_samples: int = 0  # evaluate on the first N test images (0 = all)
-    max_attempts: int = 3  # attempts per worker/combine event before the run is marked FAILED
+    batch_size: int = dataclasses.field(default=128, metadata={"help": "per worker and step"})
+    # Local SGD, the schedule's peak; 0.05 diverges early without warm-up.
+    lr: float = dataclasses.field(default=0.02, metadata={"help": "local learning rate"})
+    lr_schedule: str = dataclasses.field(
+        default="cosine", metadata={"help": "cosine decay over rounds, or constant"}
+    )
+    momentum: float = dataclasses.field(
+        default=0.9, metadata={"help": "local SGD momentum (reset at each round)"}
+    )
+    weight_decay: float = dataclasses.field(
+        default=5e-4, metadata={"help": "decoupled weight decay of the local optimizer"}
+    )
+    # Each worker trains 1/rounds_per_epoch of its shard per round.
+    rounds_per_epoch: int = dataclasses.field(default=1, metadata={"help": "combines per epoch"})
+    local_steps: int = dataclasses.field(
+        default=0, metadata={"help": "if > 0: mini-batches per worker per round (overrides rounds_per_epoch)"}
+    )
+    outer_lr: float = dataclasses.field(
+        default=1.0,
+        metadata={"help": "server learning rate on the averaged update (1.0, momentum 0: averaging)"},
+    )
+    outer_momentum: float = dataclasses.field(
+        default=0.0, metadata={"help": "Nesterov momentum of the outer update (0 disables it)"}
+    )
+    update_dtype: str = dataclasses.field(
+        default="float32", metadata={"help": "dtype of the weight deltas on EFS (float16 halves the bytes)"}
+    )
+    eval_every: int = dataclasses.field(
+        default=0, metadata={"help": "evaluate every N rounds; 0 = at each epoch end"}
+    )
+    augment: bool = dataclasses.field(
+        default=True, metadata={"help": "random crop (4 px padding) and horizontal flip"}
+    )
+    seed: int = dataclasses.field(
+        default=0, metadata={"help": "seeds initial weights, data order and augmentation"}
+    )
+    dataset: str = dataclasses.field(
+        default="cifar10", metadata={"help": "folder under <EFS_ROOT>/datasets/"}
+    )
+    train_samples: int = dataclasses.field(
+        default=0, metadata={"help": "use the first N training images (0 = all)"}
+    )
+    test_samples: int = dataclasses.field(
+        default=0, metadata={"help": "evaluate on the first N test images (0 = all)"}
+    )
+    max_attempts: int = dataclasses.field(
+        default=3, metadata={"help": "attempts per worker/combine event before the run is marked FAILED"}
+    )
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> TrainConfig:
