@@ -7,6 +7,10 @@
 - ``table``            a new, uniquely named status table in it, built from ``template.yaml``'s key schema
 - ``aws_env``          dummy credentials, the region, and ``AWS_ENDPOINT_URL_DYNAMODB`` for code that builds
                        its own boto3 clients (the handler); nothing real can be reached with them
+
+Tests that use ``dynamodb_local`` (directly, or through ``table`` or ``aws_env``) are marked ``java``
+here; tests that start DynamoDB Local themselves say ``@pytest.mark.java``. ``pytest -m "not java"`` runs the
+rest on a machine without Java; ``make test`` runs everything.
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ class FakeLambdaContext:
 
     def get_remaining_time_in_millis(self) -> int:
         return self.remaining_time_ms
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "dynamodb_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.java)
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ import pytest
 from localrun import cli, dynamodb_local, runtime
 from trainer import coordination
 
+pytestmark = pytest.mark.java  # DynamoDB Local
+
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "cifar10-tiny.tar.gz"
 TINY_RUN = [
     "--model", "vgg19_bn", "--width", "0.0625", "--workers", "2", "--epochs", "1", "--rounds-per-epoch", "2",

@@ -177,6 +177,7 @@ def test_data_is_prepared_only_when_the_manifest_is_missing(
     assert calls == [(archive, tmp_path / "efs" / "datasets" / "cifar10")]
 
 
+@pytest.mark.java  # the run's own DynamoDB Local
 def test_fake_run_succeeds_with_progress_and_summary(
     state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -197,6 +198,7 @@ def test_fake_run_succeeds_with_progress_and_summary(
     assert java_processes_using(state_dir) == []
 
 
+@pytest.mark.java  # the run's own DynamoDB Local
 def test_run_id_that_exists_is_refused_with_the_resume_command(
     state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -212,6 +214,7 @@ def test_run_id_that_exists_is_refused_with_the_resume_command(
     )
 
 
+@pytest.mark.java  # the run's own DynamoDB Local
 def test_run_that_can_no_longer_finish_is_reported(
     state_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -233,6 +236,7 @@ def test_run_that_can_no_longer_finish_is_reported(
     assert "resume with: lambdatrain local --resume lost" in err
 
 
+@pytest.mark.java  # the run's own DynamoDB Local
 def test_ctrl_c_stops_after_the_round_and_the_run_resumes(
     state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -256,6 +260,7 @@ def test_ctrl_c_stops_after_the_round_and_the_run_resumes(
     assert "run paused: SUCCEEDED" in capsys.readouterr().out
 
 
+@pytest.mark.java  # the run's own DynamoDB Local
 def test_second_ctrl_c_stops_at_once_and_leaves_no_process(
     state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -64,6 +64,7 @@ def process_exists(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
+@pytest.mark.java
 def test_lifecycle_on_disk_keeps_tables_across_restarts_and_leaves_no_process(tmp_path: Path) -> None:
     template = write_template(tmp_path)
     with dynamodb_local_module.DynamoDBLocal(db_path=tmp_path / "db") as database:
