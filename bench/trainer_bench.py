@@ -37,22 +37,16 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src" / "handler"), str(REPO / "src")]
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("LOG_LEVEL", "WARNING")  # the handler's JSON logs would drown the result
+
+from trainer import config as trainer_config  # noqa: E402
+
+trainer_config.set_tensorflow_defaults()  # before TensorFlow is imported, as the handler does
 
 import numpy as np  # noqa: E402
 
-from localrun import dynamodb_local  # noqa: E402
+from localrun import environment, runtime, settings  # noqa: E402
 from prep import synthetic  # noqa: E402
-
-
-class NullInvoker:
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    def invoke_async(self, payloads: Any) -> None:
-        self.sent.extend(payloads)
 
 
 class Context:
@@ -63,29 +57,39 @@ class Context:
 
 
 class Bench:
-    """The real handler with a real DynamoDB Local table and an EFS folder; invocations are not forwarded."""
+    """The real handler, in this process, configured as Lambda would configure it: a status table in DynamoDB
+    Local, an EFS folder, and its own invocations sent through the local Invoke API to a no-op function
+    (``bench/sink.py``), so that they cost what an asynchronous ``Invoke`` costs but run nothing."""
 
-    def __init__(self, efs_root: Path, database: dynamodb_local.DynamoDBLocal) -> None:
+    def __init__(self, efs_root: Path, local: runtime.LocalRuntime) -> None:
+        for name in environment.UNSET_FOR_HANDLER:
+            os.environ.pop(name, None)
+        os.environ.update(
+            environment.handler_environment(
+                function_name=local.settings.name,
+                efs_root=efs_root,
+                status_table=local.table_name,
+                lambda_endpoint_url=local.lambda_endpoint_url,
+                dynamodb_endpoint_url=local.dynamodb_endpoint_url,
+                memory_mb=local.settings.memory_mb,
+                log_level=os.environ["LOG_LEVEL"],
+                extra={"SAFETY_MARGIN_S": "30"},
+            )
+        )
         import app
-        from trainer import config
-        from trainer import services as trainer_services
         from trainer.coordination import StatusTable
         from trainer.efs_layout import EfsLayout
 
-        table_name = f"bench-{uuid.uuid4().hex[:8]}"
-        dynamodb_local.create_table(database.client(), table_name, REPO / "template.yaml")
-        os.environ.update(EFS_ROOT=str(efs_root), STATUS_TABLE=table_name, SAFETY_MARGIN_S="30")
-        self.invoker = NullInvoker()
-        self.layout = EfsLayout(efs_root)
-        self.services = trainer_services.Services(
-            self.layout, StatusTable(database.resource().Table(table_name)), self.invoker, config.load()
-        )
-        app._services_for = lambda environment: self.services
         self.app = app
+        self.local = local
+        self.efs_root = efs_root
+        self.layout = EfsLayout(efs_root)
+        self.status = StatusTable(local.table)
 
     def start(self, **config: Any) -> str:
         run_id = f"b{uuid.uuid4().hex[:8]}"
         self.app.lambda_handler({"start": True, "run": run_id, **config}, Context())
+        self.local.function.wait_idle(60.0)  # its worker events reach the sink before anything is measured
         return run_id
 
     def worker(self, run_id: str, worker: int, workers: int) -> tuple[float, dict[str, Any]]:
@@ -99,12 +103,27 @@ class Bench:
         _, meta = load_arrays(self.layout.update_path(run_id, 0, worker))
         return wall, meta
 
-    def combine(self, run_id: str, workers: int) -> tuple[float, dict[str, Any]]:
+    def combine(self, run_id: str, workers: int) -> tuple[float, Any]:
+        """Wall seconds of the round's combine, and what it measured (a ``RoundMetrics``)."""
         event = {"combine": True, "workers": workers, "epochsdone": 0, "run": run_id, "round": 0}
         began = time.perf_counter()
         self.app.lambda_handler(event, Context())
         wall = time.perf_counter() - began
-        return wall, self.services.status.list_rounds(run_id)[0]
+        self.local.function.wait_idle(60.0)
+        return wall, self.status.list_rounds(run_id)[0].metrics
+
+    def warm_model(self, config: dict[str, Any]) -> Any:
+        """The model a warm container holds for ``config`` (built now if it holds none)."""
+        from trainer import services
+        from trainer.config import TrainConfig
+
+        return services.model_for(TrainConfig.from_mapping(config), self.efs_root)
+
+    def evict_model(self) -> None:
+        """Make the next worker a cold one: a new container starts without the model."""
+        from trainer import services
+
+        services.clear_warm_caches()
 
 
 def bare_loop(model: Any, batch_size: int, steps: int) -> float:
@@ -124,12 +143,10 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_throughput(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
-    from trainer import services as trainer_services
-
     config = {**model_config(args), "workers": 2, "epochs": 1, "local_steps": args.steps + 1}
     run_id = bench.start(**config)
     bench.worker(run_id, 0, 2)  # warm the handler's model (tracing) before measuring
-    model = next(iter(trainer_services._models.values()))
+    model = bench.warm_model(config)
     handler, bare = [], []
     for _ in range(args.repeats):
         run_id = bench.start(**config)
@@ -153,16 +170,14 @@ def run_overhead(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     for label in ("cold", "warm"):
         run_id = bench.start(**config)  # the first start builds the model: the worker after it is warm
         if label == "cold":
-            from trainer import services as trainer_services
-
-            trainer_services._models.clear()  # a new container: the worker must build the model
+            bench.evict_model()  # a new container: the worker must build the model
         walls, metas = zip(*(bench.worker(run_id, worker, workers) for worker in range(workers)), strict=True)
-        combine_wall, round_item = bench.combine(run_id, workers)
+        combine_wall, round_metrics = bench.combine(run_id, workers)
         step_s = statistics.median(meta["compute_s"] / meta["steps"] for meta in metas)
         overheads = [wall - meta["compute_s"] for wall, meta in zip(walls, metas, strict=True)]
         # cold: the first worker after the cache was cleared builds the model; warm: the median worker
         worker_overhead = overheads[0] if label == "cold" else statistics.median(overheads)
-        combine_overhead = combine_wall - round_item["duration_s"].get("eval", 0.0)
+        combine_overhead = combine_wall - round_metrics.duration_s.get("eval", 0.0)
         default = Schedule(TrainConfig(workers=workers, batch_size=args.batch_size), num_train=50_000)
         round_compute_s = default.steps(len(default.worker_indices(0, 0))) * step_s
         results[label] = {
@@ -170,7 +185,7 @@ def run_overhead(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
             "worker_overhead_s": round(worker_overhead, 3),
             "worker_load_s": round(statistics.median(meta["load_s"] for meta in metas), 3),
             "combine_overhead_s": round(combine_overhead, 3),
-            "update_bytes": int(round_item["bytes_read"] / (workers + 1)),
+            "update_bytes": int(round_metrics.bytes_read / (workers + 1)),
             "default_round_compute_s": round(round_compute_s, 1),
             "overhead_fraction": round((worker_overhead + combine_overhead) / round_compute_s, 4),
         }
@@ -203,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         efs_root = args.efs_root or Path(scratch)
         if args.efs_root is None:
             synthetic.write_synthetic_dataset(efs_root / "datasets" / "cifar10", 50_000, 10_000)
-        with dynamodb_local.DynamoDBLocal() as database:
-            bench = Bench(efs_root, database)
+        sink = settings.FunctionSettings(handler="sink.lambda_handler", code_dir=REPO / "bench")
+        with runtime.LocalRuntime(sink, efs_root=efs_root, template_path=REPO / "template.yaml") as local:
+            bench = Bench(efs_root, local)
             measure = {"throughput": run_throughput, "overhead": run_overhead, "memory": run_memory}[
                 args.measure
             ]

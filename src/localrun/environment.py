@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from trainer import config
+
 REGION = "us-east-1"
 ACCESS_KEY_ID = "localrun"
 SECRET_ACCESS_KEY = "localrun"
@@ -54,7 +56,7 @@ def handler_environment(
         "AWS_DEFAULT_REGION": REGION,
         "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
         "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
-        "TF_ENABLE_ONEDNN_OPTS": "1",
+        config.ENV_ONEDNN: config.TENSORFLOW_ENVIRONMENT[config.ENV_ONEDNN],
         "LOG_LEVEL": log_level,
         "PYTHONUNBUFFERED": "1",
     }
