@@ -1,6 +1,5 @@
 """Fixtures shared by every test.
 
-- ``lambda_context``   a fake Lambda context whose remaining time a test sets (``remaining_time_ms``)
 - ``load_event(name)`` a fresh copy of ``events/<name>.json``
 - ``efs_root``         an empty EFS stand-in under ``tmp_path``
 - ``dynamodb_local``   one in-memory DynamoDB Local for the whole session, on a free port
@@ -18,7 +17,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,32 +30,10 @@ EVENTS_DIR = REPO_ROOT / "events"
 TEMPLATE = REPO_ROOT / "template.yaml"
 
 
-@dataclass
-class FakeLambdaContext:
-    """The attributes of Lambda's Python context; ``get_remaining_time_in_millis`` returns what the test set."""
-
-    function_name: str = "lambdatrain-trainer"
-    function_version: str = "$LATEST"
-    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:lambdatrain-trainer"
-    memory_limit_in_mb: str = "10240"  # a string, as in the real runtime
-    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    log_group_name: str = "/aws/lambda/lambdatrain-trainer"
-    log_stream_name: str = "test"
-    remaining_time_ms: int = 900_000
-
-    def get_remaining_time_in_millis(self) -> int:
-        return self.remaining_time_ms
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "dynamodb_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.java)
-
-
-@pytest.fixture
-def lambda_context() -> FakeLambdaContext:
-    return FakeLambdaContext()
 
 
 @pytest.fixture
