@@ -13,6 +13,7 @@ import pytest
 from localrun_handlers import HANDLER, HERE
 
 from localrun import environment, pool, settings
+from trainer_harness import race
 
 
 def make_pool(
@@ -138,17 +139,7 @@ def test_module_colon_function_names_the_handler_too() -> None:
 
 
 def test_at_most_concurrency_invocations_run_at_once(toy_pool: pool.WorkerPool) -> None:
-    results: list[dict[str, Any]] = []
-    threads = [
-        threading.Thread(
-            target=lambda: results.append(result_of(invoke(toy_pool, action="sleep", seconds=0.6)))
-        )
-        for _ in range(4)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = race(4, lambda _: result_of(invoke(toy_pool, action="sleep", seconds=0.6)))
 
     def running_at(moment: float) -> int:
         return sum(result["started"] <= moment < result["finished"] for result in results)
