@@ -190,9 +190,8 @@ def run_local(args: argparse.Namespace) -> int:
     paths = Paths.from_args(args)
     run_id = args.resume or args.run or dt.datetime.now().strftime("local-%Y%m%d-%H%M%S")
     event = start_event.build_start_event(args, run_id)
-    function_settings, fault_plan = resolve_function(
-        args
-    )  # also checks the runtime options, before anything starts
+    # Checks the runtime options too, before anything starts.
+    function_settings, fault_plan = resolve_function(args)
     if not args.resume:
         prepare_data(paths.efs_root, event.get("dataset", config.TrainConfig.dataset), args.source)
 

@@ -74,14 +74,14 @@ def build_start_event(args: argparse.Namespace, run_id: str) -> dict[str, Any]:
             )
         event: dict[str, Any] = {"start": True, "run": run_id, "resume": True}
     else:
-        settings: dict[str, Any] = dict(DEMO_PRESET) if args.demo else {}
-        settings.update(parse_pairs(args.config, "--config", as_json=True))
-        settings.update(options)
-        reserved = sorted(set(RESERVED_KEYS) & set(settings))
+        training: dict[str, Any] = dict(DEMO_PRESET) if args.demo else {}
+        training.update(parse_pairs(args.config, "--config", as_json=True))
+        training.update(options)
+        reserved = sorted(set(RESERVED_KEYS) & set(training))
         if reserved:
             raise LocalRuntimeError(f"--config cannot set {reserved}; use --run or --resume")
-        settings.setdefault("workers", DEMO_PRESET["workers"])
-        event = {"start": True, "run": run_id, **settings}
+        training.setdefault("workers", DEMO_PRESET["workers"])
+        event = {"start": True, "run": run_id, **training}
     try:  # the trainer's own validation, before anything starts
         protocol.parse_start(event)
     except errors.InvalidEventError as exc:
