@@ -5,4 +5,5 @@
 - :mod:`prep.upload` sends a prepared dataset to S3 and invokes the staging function.
 - :mod:`prep.stage` is that staging function (a Lambda handler; standard library and boto3 only).
 - :mod:`prep.cli` is the ``cifar10-prep`` console script behind ``make preprocess``.
+- :mod:`prep.synthetic` writes a small learnable stand-in through the same writer, for tests and benchmarks.
 """
