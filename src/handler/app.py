@@ -11,7 +11,7 @@ config.set_tensorflow_defaults()  # before anything below imports TensorFlow
 import logging  # noqa: E402
 from typing import Any  # noqa: E402
 
-from trainer import combine, errors, failures, logs, protocol, runs, worker  # noqa: E402
+from trainer import combine, errors, failures, logs, protocol, runs, watchdog, worker  # noqa: E402
 from trainer.services import Services  # noqa: E402
 
 logs.setup()
@@ -28,12 +28,13 @@ def handle(event: Any, context: Any, services: Services | None = None) -> dict[s
     from the environment once per container."""
     request_id = getattr(context, "aws_request_id", None) or "local"
     logs.bind(request_id=request_id)
+    parsed: protocol.Event | None = None
     try:
         parsed = protocol.parse_event(event)
         services = services or services_for(config.load())
         match parsed:
             case protocol.StartEvent():
-                return runs.start_run(parsed, services, default_run_id=f"run-{request_id[:8]}")
+                return runs.start_run(parsed, services, default_run_id=protocol.default_run_id(request_id))
             case protocol.S3StartEvent():
                 return runs.start_from_s3(parsed, services)
             case protocol.WorkerEvent():
@@ -42,10 +43,14 @@ def handle(event: Any, context: Any, services: Services | None = None) -> dict[s
                 return combine.run_combine(parsed, services)
             case protocol.StopEvent():
                 return runs.stop_run(parsed, services)
+            case protocol.WatchdogEvent():
+                return watchdog.check_runs(services)
             case protocol.FailureRecord():
                 return failures.handle_failure(parsed, services)
     except errors.TrainingError as exc:  # expected failures: one line, no traceback
         logs.event(log, "invocation_failed", logging.ERROR, error_type=type(exc).__name__, error=str(exc))
+        if services is not None and parsed is not None:
+            failures.fail_for_error(parsed, exc, services)  # an error that ends the run does so at once
         raise
     except Exception:  # a bug or an outage: keep the traceback
         log.exception("invocation_failed")

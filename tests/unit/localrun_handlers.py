@@ -110,11 +110,6 @@ def fake_trainer(event: dict[str, Any], context: Any) -> dict[str, Any]:
 
     round_index = int(event["fake_round"])
     run = status.get_run(run_id)
-    if run.state == coordination.STOP_REQUESTED:
-        status.advance_run(
-            run, run.round_index, run.epochs_done, coordination.STOPPED, coordination.RunSummary()
-        )
-        return {"stopped": True}
     # Marker files let a test time its Ctrl-C.
     Path(os.environ["EFS_ROOT"], f"{run_id}-round-{round_index}.started").touch()
     time.sleep(float(os.environ.get("FAKE_ROUND_S", "0")))
@@ -130,21 +125,31 @@ def fake_trainer(event: dict[str, Any], context: Any) -> dict[str, Any]:
         bytes_written=0,
         test_accuracy=accuracy,
     )
-    status.record_round(run_id, round_index, metrics)
-    status.mark_round_completed(run_id, round_index)
-    Path(os.environ["EFS_ROOT"], f"{run_id}-round-{round_index}.done").touch()
     last = done >= run.total_rounds
-    final_model = str(Path(os.environ["EFS_ROOT"]) / "runs" / run_id / "final.keras")
-    summary = coordination.RunSummary(test_accuracy=accuracy, final_model=final_model if last else None)
-    while True:  # a stop requested meanwhile is kept (the next round honours it); the last round succeeds
-        new_state = coordination.SUCCEEDED if last else run.state
+    while True:  # as the real combine: a stop requested meanwhile ends the run after this round
+        new_state = (
+            coordination.STOPPED if run.state == coordination.STOP_REQUESTED and not last else run.state
+        )
         try:
-            status.advance_run(run, done, epochs_done, new_state, summary)
+            status.commit_round(
+                run,
+                epochs_done,
+                new_state,
+                f"t{done}",
+                coordination.RunSummary(test_accuracy=accuracy),
+                metrics,
+            )
             break
         except CoordinationConflictError:
             run = status.get_run(run_id)
-    if not last:
-        _invoke_self({"fake_round": done, "run": run_id})
+    Path(os.environ["EFS_ROOT"], f"{run_id}-round-{round_index}.done").touch()
+    if new_state == coordination.STOPPED:
+        return {"stopped": True}
+    if last:
+        final_model = str(Path(os.environ["EFS_ROOT"]) / "runs" / run_id / "final.keras")
+        status.finish_run(status.get_run(run_id), coordination.RunSummary(final_model=final_model))
+        return {"round": round_index}
+    _invoke_self({"fake_round": done, "run": run_id})
     return {"round": round_index}
 
 

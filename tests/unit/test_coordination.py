@@ -57,34 +57,44 @@ def test_only_the_claimant_retrying_may_claim_again(status: StatusTable) -> None
     assert status.claim_combine("r", 0, 2, worker_index=0, attempt=1)  # a resumed run's new generation
 
 
-def test_round_advances_once_under_concurrent_commits(status: StatusTable) -> None:
+METRICS = RoundMetrics(
+    epochs_done=0, samples=100, train_loss=1.25, duration_s={"load": 0.5}, bytes_read=10, bytes_written=20
+)
+
+
+def test_round_advances_once_under_concurrent_commits_with_the_winners_token_and_metrics(
+    status: StatusTable,
+) -> None:
     create(status, "r", workers=2)
     run = status.get_run("r")
 
-    def commit(_: int) -> bool:
+    def commit(index: int) -> bool:
+        metrics = dataclasses.replace(METRICS, train_loss=float(index))
         try:
-            status.advance_run(run, 1, 0, "RUNNING", RunSummary(test_accuracy=0.5))
+            status.commit_round(run, 0, "RUNNING", f"token{index}", RunSummary(test_accuracy=0.5), metrics)
         except CoordinationConflictError:
             return False
         return True
 
-    assert race(6, commit).count(True) == 1
-    assert status.get_run("r").round_index == 1
-    assert status.get_run("r").summary == RunSummary(test_accuracy=0.5)
+    results = race(6, commit)
+    assert results.count(True) == 1
+    winner = results.index(True)
+    committed = status.get_run("r")
+    assert committed.round_index == 1 and committed.weights_token == f"token{winner}"
+    assert committed.summary == RunSummary(test_accuracy=0.5)
+    (record,) = status.list_rounds("r")
+    assert record.completed and record.committed_token == f"token{winner}"
+    assert record.metrics == dataclasses.replace(METRICS, train_loss=float(winner))  # only the winner's
 
 
 def test_registration_after_the_combine_is_refused(status: StatusTable) -> None:
     create(status, "r", workers=1)
     status.register_worker("r", 0, 0)
-    metrics = RoundMetrics(
-        epochs_done=0, samples=100, train_loss=1.25, duration_s={"load": 0.5}, bytes_read=10, bytes_written=20
-    )
-    status.record_round("r", 0, metrics)
-    status.mark_round_completed("r", 0)
+    status.commit_round(status.get_run("r"), 0, "RUNNING", "t", RunSummary(), METRICS)
     with pytest.raises(CoordinationConflictError, match="already combined"):
         status.register_worker("r", 0, 0)
     (record,) = status.list_rounds("r")
-    assert record.metrics == metrics and record.completed and record.done == {0}
+    assert record.metrics == METRICS and record.completed and record.done == {0}
 
 
 def test_stop_flag_and_failure_apply_only_to_active_runs(status: StatusTable) -> None:
@@ -93,7 +103,7 @@ def test_stop_flag_and_failure_apply_only_to_active_runs(status: StatusTable) ->
     assert not status.request_stop("r")  # already flagged
     run = status.get_run("r")
     assert run.state == STOP_REQUESTED
-    status.advance_run(run, 1, 0, STOPPED, RunSummary())
+    status.commit_round(run, 0, STOPPED, "t", RunSummary(), METRICS)
     assert not status.fail_run("r", "late failure")
     assert status.get_run("r").state == STOPPED
     resumed = status.resume_run("r")
@@ -109,7 +119,7 @@ def run_at(state: str = "RUNNING", round_index: int = 3, fanned_out: int = 3) ->
 
 
 @pytest.mark.parametrize(
-    ("run", "round_index", "current", "awaits_fan_out"),
+    ("run", "round_index", "current", "awaits_follow_up"),
     [
         (run_at(), 3, True, False),
         (run_at(), 2, False, False),  # round 2 committed and round 3 fanned out: a stale event
@@ -126,9 +136,9 @@ def run_at(state: str = "RUNNING", round_index: int = 3, fanned_out: int = 3) ->
     ],
     ids=["current", "stale", "fan-out-cut-short", "stop-requested", "stopped", "failed", "older"],
 )
-def test_round_predicates(run: RunStatus, round_index: int, current: bool, awaits_fan_out: bool) -> None:
+def test_round_predicates(run: RunStatus, round_index: int, current: bool, awaits_follow_up: bool) -> None:
     assert run.is_current(round_index) is current
-    assert run.awaits_fan_out_after(round_index) is awaits_fan_out
+    assert run.awaits_follow_up(round_index) is awaits_follow_up
 
 
 def test_run_item_round_trips_and_owns_the_plan() -> None:
@@ -140,6 +150,8 @@ def test_run_item_round_trips_and_owns_the_plan() -> None:
     assert RunStatus.from_item(item) == dataclasses.replace(
         run, created_at=item["created_at"], updated_at=item["updated_at"]
     )
+    assert item["active"] == "1" and item["schema"] == 2 and item["weights_token"] == "init"
+    assert "active" not in dataclasses.replace(run, state="STOPPED").to_item()  # leaves the sparse index
     assert run.total_rounds == run.schedule.total_rounds == 4
     assert run.schedule.num_train == 100
 
@@ -148,13 +160,38 @@ def test_run_item_round_trips_and_owns_the_plan() -> None:
     ("change", "message"),
     [
         (lambda item: item.pop("num_train"), "has no 'num_train'"),
+        (lambda item: item.pop("schema"), "written by another version of the trainer .item schema 1"),
         (lambda item: item.update(config='{"workers": 0}'), "not a valid run: workers must be between"),
         (lambda item: item.update(config='{"weights": "/etc/passwd", "model": "vgg19"}'), "weights must be"),
     ],
-    ids=["older-version", "bad-config", "weights-outside-efs"],
+    ids=["no-plan", "older-version", "bad-config", "weights-outside-efs"],
 )
 def test_a_run_item_that_is_not_a_valid_run_is_refused(change: Any, message: str) -> None:
     item = run_at().to_item()
     change(item)
     with pytest.raises(LayoutError, match=message):
         RunStatus.from_item(item)
+
+
+def test_a_failure_for_an_older_round_or_generation_does_not_fail_the_run(status: StatusTable) -> None:
+    create(status, "r", workers=1)
+    status.commit_round(status.get_run("r"), 0, "RUNNING", "t", RunSummary(), METRICS)
+    assert not status.fail_run("r", "stale worker", round_index=0, generation=1)
+    assert not status.fail_run("r", "before a resume", round_index=1, generation=0)
+    assert status.get_run("r").state == "RUNNING"
+    assert status.fail_run("r", "current", round_index=1, generation=1)
+    failed = status.get_run("r")
+    assert failed.state == "FAILED" and failed.reason == "current" and "active" not in failed.to_item()
+
+
+def test_finish_happens_once_after_the_last_commit(status: StatusTable) -> None:
+    run = create(status, "r", workers=1, epochs=1, rounds_per_epoch=1)
+    assert not status.finish_run(status.get_run("r"), RunSummary(final_model="m"))  # round 0 not committed
+    status.commit_round(status.get_run("r"), 1, "RUNNING", "t", RunSummary(test_accuracy=0.5), METRICS)
+    committed = status.get_run("r")
+    assert committed.all_rounds_committed and committed.awaits_follow_up(0) and run.total_rounds == 1
+    assert status.finish_run(committed, RunSummary(final_model="m"))
+    assert not status.finish_run(committed, RunSummary(final_model="other"))
+    finished = status.get_run("r")
+    assert finished.state == "SUCCEEDED"
+    assert finished.summary == RunSummary(test_accuracy=0.5, final_model="m")

@@ -78,42 +78,58 @@ def test_resume_while_a_combine_is_running_still_finishes(harness: Harness, monk
     harness.invoke(start_event("s"))
     combine = deliver_until(harness, lambda event: event.get("combine"))
     harness.invoke({"stop": True, "run": "s"})
-    real_record_round = harness.status.record_round
+    real_commit_round = harness.status.commit_round
 
-    def record_round_then_resume(*args: Any, **kwargs: Any) -> None:
+    def resume_then_commit(*args: Any, **kwargs: Any) -> None:
         if not resumed:  # the operator changes their mind while the combine works
             resumed.append(harness.invoke({"start": True, "run": "s", "resume": True}))
-        real_record_round(*args, **kwargs)
+        real_commit_round(*args, **kwargs)
 
     resumed: list[dict[str, Any]] = []
-    monkeypatch.setattr(harness.status, "record_round", record_round_then_resume)
+    monkeypatch.setattr(harness.status, "commit_round", resume_then_commit)
     assert harness.invoke(combine)["status"] == "ignored"  # its generation is gone: it must not commit
-    monkeypatch.setattr(harness.status, "record_round", real_record_round)
+    monkeypatch.setattr(harness.status, "commit_round", real_commit_round)
+    assert not list((harness.layout.run_dir("s") / "weights").glob("round-000001-*"))  # it left nothing
     harness.drain()
     item = harness.run("s")
     assert item.state == "SUCCEEDED" and item.round_index == 4 and item.generation == 2
 
 
-def test_concurrent_duplicate_combine_writes_the_same_next_weights(harness: Harness, monkeypatch) -> None:
+def test_a_duplicate_combine_that_loses_the_commit_changes_no_committed_file(
+    harness: Harness, monkeypatch
+) -> None:
     harness.invoke(start_event("m", outer_momentum=0.5))
     combine = deliver_until(harness, lambda event: event.get("combine") and event["round"] == 1)
     last_update = harness.layout.update_path("m", 1, 2)
     real_load = combine_flow.load_arrays
     seen: dict[str, Any] = {}
 
+    def committed_files() -> dict[str, bytes]:
+        run = harness.run("m")
+        paths = (
+            harness.layout.weights_path("m", 2, run.weights_token),
+            harness.layout.outer_state_path("m", 2, run.weights_token),
+        )
+        return {path.name: path.read_bytes() for path in paths}
+
     def load_then_let_the_duplicate_finish(path):
         arrays = real_load(path)
         if path == last_update and not seen:
             seen["started"] = True
             seen["first"] = harness.invoke(combine)  # the duplicate commits, cleans up and fans out
-            seen["weights"] = harness.layout.weights_path("m", 2).read_bytes()
+            seen["files"] = committed_files()
         return arrays
 
     monkeypatch.setattr(combine_flow, "load_arrays", load_then_let_the_duplicate_finish)
-    second = harness.invoke(combine)
+    second = harness.invoke(combine)  # computes the same round again, then loses the commit
     monkeypatch.setattr(combine_flow, "load_arrays", real_load)
     assert seen["first"]["status"] == "combined" and second["status"] == "ignored"
-    assert harness.layout.weights_path("m", 2).read_bytes() == seen["weights"]
+    assert committed_files() == seen["files"]  # byte for byte what the next round trains from
+    weights = sorted(path.name for path in (harness.layout.run_dir("m") / "weights").glob("round-000002-*"))
+    assert weights == [
+        next(name for name in seen["files"] if name.startswith("round"))
+    ]  # the loser's are gone
+    assert harness.status.get_round("m", 1).committed_token == harness.run("m").weights_token
     harness.drain()
     assert harness.run("m").state == "SUCCEEDED"
 

@@ -39,11 +39,12 @@ def test_run_trains_every_round_and_finishes(harness: Harness) -> None:
     assert rounds[-1].metrics.train_loss < rounds[0].metrics.train_loss
     assert kinds(harness) == (["worker"] * 3 + ["combine"]) * 4
 
-    run_dir = harness.layout.run_dir("t1")
-    assert not list((run_dir / "updates").iterdir())  # combined rounds' updates are deleted
-    assert sorted(path.name for path in (run_dir / "weights").iterdir()) == [
-        "round-000003.npz",
-        "round-000004.npz",
+    run_dir = harness.layout.run_dir(
+        "t1"
+    )  # a finished run keeps its configuration and its model, nothing else
+    assert sorted(str(path.relative_to(run_dir)) for path in run_dir.rglob("*") if path.is_file()) == [
+        "config.json",
+        "final.keras",
     ]
     model = keras.models.load_model(harness.layout.final_model_path("t1"))
     probabilities = model.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0)
@@ -157,7 +158,7 @@ def test_stray_combine_before_every_worker_registered_is_ignored(harness: Harnes
     combine = {"combine": True, "workers": 3, "epochsdone": 0, "run": "t1", "round": 0}
     assert harness.invoke(combine)["status"] == "ignored"
     assert harness.run("t1").round_index == 0 and harness.run("t1").state == "RUNNING"
-    assert not harness.layout.weights_path("t1", 1).exists()
+    assert not list((harness.layout.run_dir("t1") / "weights").glob("round-000001-*"))
     harness.drain()
     assert harness.run("t1").state == "SUCCEEDED"
 

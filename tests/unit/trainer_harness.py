@@ -117,11 +117,10 @@ class Harness:
         return run
 
     def final_weights(self, run_id: str) -> list[np.ndarray]:
-        from trainer.efs_layout import load_arrays
+        """The weights of the run's exported model (a SUCCEEDED run keeps only config.json and final.keras)."""
+        import keras
 
-        round_index = self.run(run_id).round_index
-        arrays, _ = load_arrays(self.layout.weights_path(run_id, round_index))
-        return arrays
+        return keras.models.load_model(self.layout.final_model_path(run_id)).get_weights()
 
 
 TINY = {"model": "vgg19_bn", "width": 0.0625, "batch_size": 32, "lr": 0.05, "augment": False}

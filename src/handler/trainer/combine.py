@@ -1,15 +1,16 @@
 """The combine flow: average a round's updates, apply the outer update, evaluate, write the next round's
-weights, commit the round with one conditional write, then fan out the next round or finish the run.
+weights under this combine's own token, commit the round with one transaction, then follow up: fan out the next
+round, or export the model and finish the run.
 
-Everything written before the commit is deterministic, so a duplicate combine running at the same time writes the
-same bytes, and only one of them commits."""
+Nothing another invocation may be reading is ever replaced: each combine writes the next round's files under its
+own token and the commit records the winner's, so a duplicate combine (a retry, or a copy on another host whose
+floating-point results differ in the last bits) that loses the commit only deletes its own files. Metrics are
+written by the commit itself; the model is exported and uploaded only after a winning commit."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import numpy as np
 from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError
 
-from trainer import aggregation, logs, models, training
+from trainer import aggregation, housekeeping, logs, models, training
 from trainer.coordination import (
     RUNNING,
     STOP_REQUESTED,
@@ -31,11 +32,11 @@ from trainer.coordination import (
     RunStatus,
     RunSummary,
 )
-from trainer.efs_layout import TMP_PREFIX, EfsLayout, file_size, load_arrays, save_arrays
+from trainer.efs_layout import TMP_PREFIX, file_size, load_arrays, new_token, publish_file, save_arrays
 from trainer.errors import CoordinationConflictError, LayoutError, TrainingError
 from trainer.fan_out import fan_out
 from trainer.protocol import CombineEvent
-from trainer.services import Services, dataset_for, load_global_weights, model_for, require_run
+from trainer.services import Services, load_global_weights, model_for, require_run, run_dataset
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,16 @@ MODEL_PREFIX = "models/"  # where runs started from S3 export final.keras, in th
 
 
 def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
-    """What happens when a round is complete: check, load, aggregate, evaluate, write, commit, signal."""
+    """What happens when a round is complete: check, load, aggregate, evaluate, write, commit, follow up."""
     logs.bind_more(run_id=event.run_id, round=event.round_index)
     run = require_run(event.run_id, services)
     if not run.is_current(event.round_index):
-        if run.awaits_fan_out_after(event.round_index):  # the combine that committed died before fanning out
-            fan_out(run, run.round_index, services)
-            _clean_up(run.run_id, event.round_index, services.layout)
-            return {"status": "fanned_out", "round": run.round_index}
+        if run.awaits_follow_up(event.round_index):  # the combine that committed died before its follow-up
+            state = _follow_up(run, services)
+            return {"status": "finished" if state == SUCCEEDED else "fanned_out", "round": run.round_index}
         logs.event(log, "stale_combine_ignored", run_round=run.round_index, state=run.state)
         return {"status": "ignored", "reason": f"run is {run.state} at round {run.round_index}"}
+    services.status.heartbeat(run.run_id)
     not_ready = _check_all_registered(run, services)
     if not_ready is not None:
         return not_ready
@@ -63,53 +64,30 @@ def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
     results: dict[str, Any] = {"train_loss": averaged.mean_loss}
     if run.schedule.evaluates_after(round_index):
         results["test_loss"], results["test_accuracy"] = _evaluate(run, inputs.model, services, phases)
-    last = run.schedule.is_last(round_index)
-    bytes_written = _write_next_round(
-        run, inputs.model, new_weights, new_momentum, last, services, results, phases
-    )
+    token = new_token()
+    bytes_written = _write_next_round(run, token, new_weights, new_momentum, services, phases)
     phases["worker_compute"] = max(float(meta["compute_s"]) for meta in inputs.worker_meta)
     phases["worker_load"] = max(float(meta["load_s"]) for meta in inputs.worker_meta)
 
     epochs_done = run.schedule.epochs_done_after(round_index)
-    services.status.record_round(
-        run.run_id,
-        round_index,
-        RoundMetrics(
-            epochs_done=epochs_done,
-            samples=averaged.samples,
-            train_loss=results["train_loss"],
-            duration_s={name: round(seconds, 4) for name, seconds in phases.items()},
-            bytes_read=inputs.bytes_read,
-            bytes_written=bytes_written,
-            test_loss=results.get("test_loss"),
-            test_accuracy=results.get("test_accuracy"),
-            final_model_s3=results.get("final_model_s3"),
-        ),
-    )
-    summary = RunSummary(
-        test_accuracy=results.get("test_accuracy"),
+    metrics = RoundMetrics(
+        epochs_done=epochs_done,
+        samples=averaged.samples,
+        train_loss=results["train_loss"],
+        duration_s={name: round(seconds, 4) for name, seconds in phases.items()},
+        bytes_read=inputs.bytes_read,
+        bytes_written=bytes_written,
         test_loss=results.get("test_loss"),
-        final_model=str(services.layout.final_model_path(run.run_id)) if last else None,
-        final_model_s3=results.get("final_model_s3"),
+        test_accuracy=results.get("test_accuracy"),
     )
-    new_state = _commit_round(run, round_index + 1, epochs_done, last, summary, services)
-    if new_state is None:
+    summary = RunSummary(test_accuracy=results.get("test_accuracy"), test_loss=results.get("test_loss"))
+    committed = _commit_round(run, epochs_done, token, summary, metrics, services)
+    if committed is None:
+        housekeeping.discard_token(run, token, services.layout)
         return {"status": "ignored", "reason": "round committed by another combine"}
-    services.status.mark_round_completed(run.run_id, round_index)
-    logs.event(log, "round_combined", state=new_state, epochsdone=epochs_done, **results, **phases)
-    if new_state == RUNNING:
-        fan_out(dataclasses.replace(run, round_index=round_index + 1), round_index + 1, services)
-    else:
-        logs.event(
-            log,
-            "run_finished",
-            state=new_state,
-            rounds=round_index + 1,
-            epochsdone=epochs_done,
-            **summary.to_item(),
-        )
-    _clean_up(run.run_id, round_index, services.layout)
-    return {"status": "combined", "round": round_index, "state": new_state, **results}
+    logs.event(log, "round_combined", state=committed.state, epochsdone=epochs_done, **results, **phases)
+    state = _follow_up(committed, services, inputs.model)
+    return {"status": "combined", "round": round_index, "state": state, **results}
 
 
 @dataclass
@@ -147,7 +125,7 @@ def _load_round(run: RunStatus, services: Services, phases: dict[str, float]) ->
     began = time.perf_counter()
     layout = services.layout
     model = model_for(run.config, layout.root)
-    weights_path = layout.weights_path(run.run_id, run.round_index)
+    weights_path = layout.weights_path(run.run_id, run.round_index, run.weights_token)
     global_weights = load_global_weights(weights_path, model)
     updates, worker_meta = [], []
     bytes_read = file_size(weights_path)
@@ -159,7 +137,9 @@ def _load_round(run: RunStatus, services: Services, phases: dict[str, float]) ->
         worker_meta.append(meta)
     momentum = None
     if run.config.outer_momentum > 0 and run.round_index > 0:
-        momentum, _ = load_arrays(layout.outer_state_path(run.run_id, run.round_index))  # must exist
+        momentum_path = layout.outer_state_path(run.run_id, run.round_index, run.weights_token)
+        momentum, _ = load_arrays(momentum_path)  # must exist
+        bytes_read += file_size(momentum_path)
     phases["load"] = time.perf_counter() - began
     return _RoundInputs(model, global_weights, updates, worker_meta, momentum, bytes_read)
 
@@ -191,7 +171,7 @@ def _evaluate(
     run: RunStatus, model: keras.Model, services: Services, phases: dict[str, float]
 ) -> tuple[float, float]:
     began = time.perf_counter()
-    dataset = dataset_for(run.config, services.layout)
+    dataset = run_dataset(run, services.layout)
     test_loss, test_accuracy = training.evaluate(model, dataset.test_x, dataset.test_y)
     phases["eval"] = time.perf_counter() - began
     return test_loss, test_accuracy
@@ -199,68 +179,112 @@ def _evaluate(
 
 def _write_next_round(
     run: RunStatus,
-    model: keras.Model,
+    token: str,
     new_weights: list[np.ndarray],
     new_momentum: list[np.ndarray] | None,
-    last: bool,
     services: Services,
-    results: dict[str, Any],
     phases: dict[str, float],
 ) -> int:
-    """The next round's weights and momentum, and after the last round ``final.keras`` (and its S3 copy).
-
-    Everything written here is deterministic, so a duplicate combine running at the same time writes the same
-    bytes; its inputs (this round's weights, updates and momentum) stay until this round's commit is two rounds
-    old. Returns the bytes written."""
+    """The next round's weights and outer momentum under this combine's token; returns the bytes written."""
     began = time.perf_counter()
     layout, next_round = services.layout, run.round_index + 1
     bytes_written = save_arrays(
-        layout.weights_path(run.run_id, next_round), new_weights, {"round": next_round}
+        layout.weights_path(run.run_id, next_round, token), new_weights, {"round": next_round}
     )
     if new_momentum is not None:
-        bytes_written += save_arrays(layout.outer_state_path(run.run_id, next_round), new_momentum)
-    if last:
-        bytes_written += _export_model(model, layout.final_model_path(run.run_id))
-        if run.export_bucket:  # before the commit: SUCCEEDED means the model is in S3 too
-            results["final_model_s3"] = _upload_model(layout.final_model_path(run.run_id), run, services)
+        bytes_written += save_arrays(layout.outer_state_path(run.run_id, next_round, token), new_momentum)
     phases["write"] = time.perf_counter() - began
     return bytes_written
 
 
 def _commit_round(
-    run: RunStatus, next_round: int, epochs_done: int, last: bool, summary: RunSummary, services: Services
-) -> str | None:
-    """Advance the run item once; a stop requested meanwhile is honoured. None if another combine won."""
+    run: RunStatus,
+    epochs_done: int,
+    token: str,
+    summary: RunSummary,
+    metrics: RoundMetrics,
+    services: Services,
+) -> RunStatus | None:
+    """Commit the round once; a stop requested meanwhile is honoured. The run as committed, or None if another
+    combine (or a resume) won."""
     for _ in range(3):
-        new_state = SUCCEEDED if last else STOPPED if run.state == STOP_REQUESTED else RUNNING
+        new_state = (
+            STOPPED
+            if run.state == STOP_REQUESTED and not run.schedule.is_last(run.round_index)
+            else run.state
+        )
         try:
-            services.status.advance_run(run, next_round, epochs_done, new_state, summary)
-            return new_state
+            services.status.commit_round(run, epochs_done, new_state, token, summary, metrics)
         except CoordinationConflictError:
             fresh = services.status.get_run(run.run_id)
-            if (
-                fresh is None
-                or not fresh.active
-                or fresh.round_index != run.round_index
-                or fresh.generation != run.generation
-            ):
+            if fresh is None or not fresh.is_current(run.round_index) or fresh.generation != run.generation:
                 logs.event(log, "duplicate_combine_ignored")
                 return None
             run = fresh  # only the state changed (a stop was requested): commit again
+            continue
+        return dataclasses.replace(
+            run,
+            round_index=run.round_index + 1,
+            epochs_done=epochs_done,
+            state=new_state,
+            weights_token=token,
+            summary=dataclasses.replace(
+                run.summary,
+                **{key: value for key, value in dataclasses.asdict(summary).items() if value is not None},
+            ),
+        )
     raise CoordinationConflictError(
         f"run {run.run_id!r} kept changing while committing round {run.round_index}"
     )
 
 
-def _export_model(model: keras.Model, path: Path) -> int:
-    """Save ``final.keras`` under a temporary name and rename it into place."""
+def _follow_up(run: RunStatus, services: Services, model: keras.Model | None = None) -> str:
+    """After a commit (``run`` as committed): fan out the next round, or finish the run; then clean up.
+    Returns the run's state."""
+    if run.all_rounds_committed and run.active:
+        state = _finish(run, services, model)
+    elif run.active:
+        fan_out(run, run.round_index, services)
+        state = RUNNING
+    else:  # stopped after this round
+        logs.event(log, "run_finished", state=run.state, rounds=run.round_index, epochsdone=run.epochs_done)
+        state = run.state
+    housekeeping.clean_up(dataclasses.replace(run, state=state), services.layout)
+    return state
+
+
+def _finish(run: RunStatus, services: Services, model: keras.Model | None) -> str:
+    """Export ``final.keras`` from the committed weights (and upload it), then mark the run SUCCEEDED."""
+    path = services.layout.final_model_path(run.run_id)
+    if not path.exists():
+        if model is None:  # a follow-up after a crash: the committed weights are on EFS
+            model = model_for(run.config, services.layout.root)
+            weights_path = services.layout.weights_path(run.run_id, run.round_index, run.weights_token)
+            model.set_weights(load_global_weights(weights_path, model))
+        _export_model(model, path)
+    summary = RunSummary(final_model=str(path))
+    if run.export_bucket:  # before SUCCEEDED: a succeeded run's model is in S3 too
+        summary = dataclasses.replace(summary, final_model_s3=_upload_model(path, run, services))
+    if services.status.finish_run(run, summary):
+        logs.event(
+            log,
+            "run_finished",
+            state=SUCCEEDED,
+            rounds=run.round_index,
+            epochsdone=run.epochs_done,
+            **{**run.summary.to_item(), **summary.to_item()},
+        )
+    return SUCCEEDED
+
+
+def _export_model(model: keras.Model, path: Path) -> None:
+    """Save ``final.keras`` under a temporary name, fsync it and publish it once."""
     tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}.keras")
     try:
         model.save(tmp)
-        os.replace(tmp, path)
+        publish_file(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return file_size(path)
 
 
 def _upload_model(path: Path, run: RunStatus, services: Services) -> str:
@@ -272,17 +296,3 @@ def _upload_model(path: Path, run: RunStatus, services: Services) -> str:
         raise TrainingError(f"uploading {path} to s3://{run.export_bucket}/{key} failed: {exc}") from exc
     logs.event(log, "model_exported", uri=f"s3://{run.export_bucket}/{key}", size_bytes=file_size(path))
     return f"s3://{run.export_bucket}/{key}"
-
-
-def _clean_up(run_id: str, round_index: int, layout: EfsLayout) -> None:
-    """Best effort, after a commit: delete the round's updates and saved states, and inputs two rounds old."""
-    try:
-        shutil.rmtree(layout.updates_dir(run_id, round_index), ignore_errors=True)
-        shutil.rmtree(layout.partial_path(run_id, round_index, 0).parent, ignore_errors=True)
-        for stale in (
-            layout.weights_path(run_id, round_index - 1),
-            layout.outer_state_path(run_id, round_index - 1),
-        ):
-            stale.unlink(missing_ok=True)
-    except OSError as exc:  # leftovers cost disk space, not correctness
-        logs.event(log, "clean_up_failed", level=logging.WARNING, error=str(exc))

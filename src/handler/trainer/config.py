@@ -9,6 +9,8 @@ Environment (set by ``template.yaml`` in the cloud and by ``localrun`` on a lapt
   in :data:`TENSORFLOW_ENVIRONMENT`, set before TensorFlow is imported (:func:`set_tensorflow_defaults`)
 - ``LOG_LEVEL``       ``INFO`` by default
 - ``SAFETY_MARGIN_S`` seconds a worker keeps in reserve before the Lambda deadline to save its state (default 60)
+- ``FUNCTION_TIMEOUT_S``  the function's timeout (default 900); the watchdog calls a run stalled after
+  ``2 x timeout + 60`` seconds without a heartbeat, which no live invocation can be silent for
 
 Endpoints are never configured here: boto3 reads ``AWS_ENDPOINT_URL_LAMBDA`` / ``AWS_ENDPOINT_URL_DYNAMODB``.
 """
@@ -33,8 +35,10 @@ ENV_FUNCTION_NAME = "AWS_LAMBDA_FUNCTION_NAME"
 ENV_ONEDNN = "TF_ENABLE_ONEDNN_OPTS"
 ENV_LOG_LEVEL = logs.ENV_LOG_LEVEL
 ENV_SAFETY_MARGIN_S = "SAFETY_MARGIN_S"
+ENV_FUNCTION_TIMEOUT_S = "FUNCTION_TIMEOUT_S"
 DEFAULT_EFS_ROOT = "/mnt/efs"
 DEFAULT_SAFETY_MARGIN_S = 60.0
+DEFAULT_FUNCTION_TIMEOUT_S = 900.0
 
 # What TensorFlow and Keras read at import: oneDNN kernels (2.5x on x86 CPUs), quiet C++ logs, the TensorFlow
 # backend. The handler, the local runtime and the benchmarks take them from here; template.yaml and the
@@ -60,6 +64,12 @@ class Environment:
     status_table: str
     function_name: str
     safety_margin_s: float
+    function_timeout_s: float = DEFAULT_FUNCTION_TIMEOUT_S
+
+    @property
+    def stalled_after_s(self) -> float:
+        """Silence after which the watchdog calls an active run stalled: longer than any live invocation."""
+        return 2 * self.function_timeout_s + 60.0
 
 
 def set_tensorflow_defaults(environ: MutableMapping[str, str] | None = None) -> None:
@@ -78,16 +88,25 @@ def load(environ: Mapping[str, str] | None = None) -> Environment:
         raise ConfigurationError(
             f"environment variable {ENV_STATUS_TABLE} is not set; expected the table name"
         )
-    try:
-        margin = float(environ.get(ENV_SAFETY_MARGIN_S, DEFAULT_SAFETY_MARGIN_S))
-    except ValueError as exc:
-        raise ConfigurationError(f"{ENV_SAFETY_MARGIN_S} must be a number of seconds") from exc
     return Environment(
         efs_root=Path(environ.get(ENV_EFS_ROOT, DEFAULT_EFS_ROOT)),
         status_table=table,
         function_name=environ.get(ENV_FUNCTION_NAME, "lambdatrain-trainer"),
-        safety_margin_s=margin,
+        safety_margin_s=_seconds(environ, ENV_SAFETY_MARGIN_S, DEFAULT_SAFETY_MARGIN_S),
+        function_timeout_s=_seconds(environ, ENV_FUNCTION_TIMEOUT_S, DEFAULT_FUNCTION_TIMEOUT_S),
     )
+
+
+def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
+    try:
+        value = float(environ.get(name) or default)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name} must be a number of seconds, got {environ.get(name)!r}") from exc
+    if not math.isfinite(value) or value < 0:
+        raise ConfigurationError(
+            f"{name} must be a non-negative number of seconds, got {environ.get(name)!r}"
+        )
+    return value
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,13 @@ Run item ``pk="RUN#<run>"``, ``sk="RUN"``
     ``round``          the round being trained now (its global weights exist on EFS)
     ``total_rounds``, ``rounds_per_epoch``, ``workers``, ``epochsdone``
     ``num_train``      training examples in use, fixed at start: with ``config`` it determines the run's plan
+    ``dataset_sha256`` the dataset manifest's digest at start: workers and combines refuse another dataset
+    ``weights_token``  names the files of the current round's global weights (and outer momentum): each
+                       combine writes its own, the commit records the winner's, so committed files never change
+    ``heartbeat_at``   written by every invocation that works on the run (the watchdog's progress signal)
+    ``watchdog_resends``  how often the watchdog re-sent the current round (reset by every commit)
+    ``active``         "1" while RUNNING or STOP_REQUESTED, absent after: the sparse index ``ActiveRuns``
+    ``schema``         the item layout's version (``SCHEMA_VERSION``); items of another version are refused
     ``generation``     incremented by every resume, so a resumed run can claim a combine again
     ``fanned_out``     the last round whose worker events were all sent
     ``config``         the resolved TrainConfig as JSON
@@ -21,10 +28,11 @@ Round item ``pk="RUN#<run>"``, ``sk="ROUND#000012"`` (one Query lists a run's ro
                             re-won only by the same worker on a later attempt (its crash was retried)
     ``epochsdone``, ``train_loss``, ``test_loss``, ``test_accuracy``, ``duration_s`` (map), ``bytes_read``,
     ``bytes_written``       the combine's metrics (an idempotent overwrite, written before the commit)
-    ``completed_at``        set once the round is committed; later registrations are refused
+    ``completed_at``        set by the commit itself (one transaction with the run item's advance), with the
+                            metrics; later registrations are refused
 
 State transitions (run creation, the round advance, stop, failure, resume, registration, the claim) are
-conditional writes; metrics are plain overwrites of deterministic values.
+conditional writes; a round's metrics are written only by the transaction that commits it.
 """
 
 from __future__ import annotations
@@ -58,6 +66,10 @@ TERMINAL_STATES = (STOPPED, SUCCEEDED, FAILED)
 
 RUN_SORT_KEY = "RUN"
 ROUND_PREFIX = "ROUND#"
+MAX_ROUNDS = 999_999  # round sort keys have six digits: a run may not plan more rounds (they would misorder)
+SCHEMA_VERSION = 2  # 1: items before num_train, tokens and the active index; refused with a clear reason
+ACTIVE_INDEX = "ActiveRuns"  # sparse GSI over run items that carry ``active`` (template.yaml declares it)
+INITIAL_TOKEN = "init"  # the weights token of round 0 (written by the start)
 
 
 def run_key(run_id: str) -> dict[str, str]:
@@ -105,15 +117,26 @@ class RunStatus:
     fanned_out: int
     config: TrainConfig
     num_train: int  # training examples in use (after train_samples), fixed at start
+    dataset_sha256: str | None = None  # the dataset manifest's digest at start
+    weights_token: str = (
+        INITIAL_TOKEN  # names the committed weights (and momentum) files of the current round
+    )
     reason: str | None = None
     export_bucket: str | None = None  # runs started by an S3 object also export final.keras to that bucket
     summary: RunSummary = field(default_factory=RunSummary)
     created_at: str | None = None
     updated_at: str | None = None
+    heartbeat_at: str | None = None
+    watchdog_resends: int = 0
 
     @classmethod
     def new(
-        cls, run_id: str, config: TrainConfig, num_train: int, export_bucket: str | None = None
+        cls,
+        run_id: str,
+        config: TrainConfig,
+        num_train: int,
+        export_bucket: str | None = None,
+        dataset_sha256: str | None = None,
     ) -> RunStatus:
         """A run about to be created: RUNNING at round 0, nothing fanned out yet."""
         schedule = Schedule(config, num_train)
@@ -127,6 +150,7 @@ class RunStatus:
             fanned_out=-1,
             config=config,
             num_train=num_train,
+            dataset_sha256=dataset_sha256,
             export_bucket=export_bucket,
         )
 
@@ -147,10 +171,21 @@ class RunStatus:
         """An event for ``round_index`` has work to do: the run is active and training that round."""
         return self.active and self.round_index == round_index
 
-    def awaits_fan_out_after(self, round_index: int) -> bool:
-        """``round_index`` was committed, but the invocation that committed it died before sending the next
-        round's workers (whoever sees this finishes that fan-out)."""
+    def awaits_follow_up(self, round_index: int) -> bool:
+        """``round_index`` was committed, but the invocation that committed it died before its follow-up: sending
+        the next round's workers, or after the last round exporting the model and finishing the run. Whoever
+        sees this does the follow-up."""
         return self.active and self.round_index == round_index + 1 and self.fanned_out < self.round_index
+
+    @property
+    def all_rounds_committed(self) -> bool:
+        return self.round_index >= self.total_rounds
+
+    @property
+    def last_progress_at(self) -> dt.datetime | None:
+        """When an invocation last worked on the run (its heartbeat, else its last update or creation)."""
+        stamp = self.heartbeat_at or self.updated_at or self.created_at
+        return dt.datetime.fromisoformat(stamp) if stamp else None
 
     def to_item(self) -> dict[str, Any]:
         item: dict[str, Any] = {
@@ -164,14 +199,22 @@ class RunStatus:
             "generation": self.generation,
             "fanned_out": self.fanned_out,
             "num_train": self.num_train,
+            "weights_token": self.weights_token,
+            "watchdog_resends": self.watchdog_resends,
+            "schema": SCHEMA_VERSION,
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
             "created_at": self.created_at or now_iso(),
             "updated_at": self.updated_at or now_iso(),
             **self.summary.to_item(),
         }
-        for name, value in (("reason", self.reason), ("export_bucket", self.export_bucket)):
-            if value is not None:
-                item[name] = value
+        optional = {
+            "reason": self.reason,
+            "export_bucket": self.export_bucket,
+            "dataset_sha256": self.dataset_sha256,
+            "heartbeat_at": self.heartbeat_at,
+            "active": "1" if self.active else None,
+        }
+        item.update({name: value for name, value in optional.items() if value is not None})
         return item
 
     @classmethod
@@ -179,6 +222,12 @@ class RunStatus:
         """Parse a run item; one that does not hold a valid run is a :class:`LayoutError`, never a guess."""
         item = _plain(item)
         run_id = str(item.get("pk", "")).removeprefix("RUN#")
+        if item.get("schema") != SCHEMA_VERSION:
+            raise LayoutError(
+                f"run {run_id!r} was written by another version of the trainer (item schema "
+                f"{item.get('schema', 1)}, this version reads {SCHEMA_VERSION}); finish or delete it with the "
+                "version that started it"
+            )
         try:
             config = TrainConfig.from_mapping(json.loads(item["config"]))
             return cls(
@@ -191,11 +240,15 @@ class RunStatus:
                 fanned_out=int(item.get("fanned_out", -1)),
                 config=config,
                 num_train=int(item["num_train"]),
+                dataset_sha256=item.get("dataset_sha256"),
+                weights_token=str(item["weights_token"]),
                 reason=item.get("reason"),
                 export_bucket=item.get("export_bucket"),
                 summary=RunSummary.from_item(item),
                 created_at=item.get("created_at"),
                 updated_at=item.get("updated_at"),
+                heartbeat_at=item.get("heartbeat_at"),
+                watchdog_resends=int(item.get("watchdog_resends", 0)),
             )
         except KeyError as exc:
             raise LayoutError(
@@ -217,7 +270,6 @@ class RoundMetrics:
     bytes_written: int
     test_loss: float | None = None  # only on rounds followed by an evaluation
     test_accuracy: float | None = None
-    final_model_s3: str | None = None
 
     def to_item(self) -> dict[str, Any]:
         item = {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
@@ -243,6 +295,7 @@ class RoundRecord:
     claimed_by: int | None = None
     claimed_attempt: int | None = None
     completed_at: str | None = None
+    committed_token: str | None = None  # the weights token the commit recorded for the next round
     metrics: RoundMetrics | None = None
 
     @property
@@ -260,6 +313,7 @@ class RoundRecord:
             claimed_by=item.get("claimed_by"),
             claimed_attempt=item.get("claimed_attempt"),
             completed_at=item.get("completed_at"),
+            committed_token=item.get("committed_token"),
             metrics=RoundMetrics.from_item(item),
         )
 
@@ -295,8 +349,8 @@ class StatusTable:
             "update_item",
             f"run {run_id!r} does not exist or has already SUCCEEDED; nothing to resume",
             Key=run_key(run_id),
-            UpdateExpression="SET #state = :running, generation = generation + :one, updated_at = :now "
-            "REMOVE reason",
+            UpdateExpression="SET #state = :running, generation = generation + :one, updated_at = :now, "
+            "heartbeat_at = :now, active = :active REMOVE reason",
             ConditionExpression="attribute_exists(pk) AND #state <> :succeeded",
             ExpressionAttributeNames={"#state": "state"},
             ExpressionAttributeValues={
@@ -304,6 +358,7 @@ class StatusTable:
                 ":one": 1,
                 ":now": now_iso(),
                 ":succeeded": SUCCEEDED,
+                ":active": "1",
             },
             ReturnValues="ALL_NEW",
         )
@@ -313,33 +368,151 @@ class StatusTable:
         item = self.table.get_item(Key=run_key(run_id), ConsistentRead=True).get("Item")
         return RunStatus.from_item(item) if item else None
 
-    def advance_run(
-        self, run: RunStatus, next_round: int, epochs_done: int, new_state: str, summary: RunSummary
+    def commit_round(
+        self,
+        run: RunStatus,
+        epochs_done: int,
+        new_state: str,
+        weights_token: str,
+        summary: RunSummary,
+        metrics: RoundMetrics,
     ) -> None:
-        """Commit a combine: round r -> r+1 happens once (condition on round, state and generation)."""
+        """Commit round r of ``run`` once: in one transaction the run item moves to r+1 (condition on round, state
+        and generation) naming the winner's weights token, and the round item gets the metrics and
+        ``completed_at``. A loser raises :class:`CoordinationConflictError` and has written nothing."""
+        now = now_iso()
+        names = {"#round": "round", "#state": "state"}
         values: dict[str, Any] = {
             ":r": run.round_index,
             ":seen": run.state,
             ":g": run.generation,
-            ":next": next_round,
+            ":next": run.round_index + 1,
             ":e": epochs_done,
             ":state": new_state,
-            ":now": now_iso(),
+            ":token": weights_token,
+            ":now": now,
+            ":zero": 0,
         }
-        names = {"#round": "round", "#state": "state"}
-        sets = ["#round = :next", "epochsdone = :e", "#state = :state", "updated_at = :now"]
+        sets = [
+            "#round = :next",
+            "epochsdone = :e",
+            "#state = :state",
+            "weights_token = :token",
+            "updated_at = :now",
+            "heartbeat_at = :now",
+            "watchdog_resends = :zero",
+        ]
         for index, (name, value) in enumerate(summary.to_item().items()):
             sets.append(f"#s{index} = :s{index}")
             names[f"#s{index}"] = name
             values[f":s{index}"] = value
-        self._conditional(
-            "update_item",
+        update_run = {
+            "Key": run_key(run.run_id),
+            "UpdateExpression": "SET "
+            + ", ".join(sets)
+            + ("" if new_state in ACTIVE_STATES else " REMOVE active"),
+            "ConditionExpression": "#round = :r AND #state = :seen AND generation = :g",
+            "ExpressionAttributeNames": names,
+            "ExpressionAttributeValues": values,
+        }
+        fields = {**metrics.to_item(), "round": run.round_index, "committed_token": weights_token}
+        update_round = {
+            "Key": round_key(run.run_id, run.round_index),
+            "UpdateExpression": "SET completed_at = if_not_exists(completed_at, :now), "
+            + ", ".join(f"#m{index} = :m{index}" for index in range(len(fields))),
+            "ExpressionAttributeNames": {f"#m{index}": name for index, name in enumerate(fields)},
+            "ExpressionAttributeValues": {
+                ":now": now,
+                **{f":m{index}": value for index, value in enumerate(fields.values())},
+            },
+        }
+        self._transaction(
             f"run {run.run_id!r} is no longer at round {run.round_index} in state {run.state}",
+            update_run,
+            update_round,
+        )
+
+    def finish_run(self, run: RunStatus, summary: RunSummary) -> bool:
+        """After the last round's commit and the model's export: SUCCEEDED, once. False if it already ended."""
+        return self._transition(
+            "update_item",
+            "run is not waiting to finish",
             Key=run_key(run.run_id),
-            UpdateExpression="SET " + ", ".join(sets),
-            ConditionExpression="#round = :r AND #state = :seen AND generation = :g",
-            ExpressionAttributeNames=names,
-            ExpressionAttributeValues=_dynamo(values),
+            UpdateExpression="SET #state = :succeeded, updated_at = :now, "
+            + ", ".join(f"#s{index} = :s{index}" for index in range(len(summary.to_item())))
+            + " REMOVE active",
+            ConditionExpression="#round = :total AND #state IN (:running, :stop) AND generation = :g",
+            ExpressionAttributeNames={
+                "#round": "round",
+                "#state": "state",
+                **{f"#s{index}": name for index, name in enumerate(summary.to_item())},
+            },
+            ExpressionAttributeValues=_dynamo(
+                {
+                    ":succeeded": SUCCEEDED,
+                    ":now": now_iso(),
+                    ":total": run.total_rounds,
+                    ":running": RUNNING,
+                    ":stop": STOP_REQUESTED,
+                    ":g": run.generation,
+                    **{f":s{index}": value for index, value in enumerate(summary.to_item().values())},
+                }
+            ),
+        )
+
+    def resend_round(self, run: RunStatus) -> RunStatus | None:
+        """The watchdog's re-send: a new generation (so the round's combine can be claimed again) if the run is
+        still where ``run`` saw it, with no heartbeat since. The run as it now is, or None if it moved on."""
+        try:
+            attributes = self._conditional(
+                "update_item",
+                "the run made progress",
+                Key=run_key(run.run_id),
+                UpdateExpression="SET generation = generation + :one, watchdog_resends = watchdog_resends + :one, "
+                "heartbeat_at = :now, updated_at = :now",
+                ConditionExpression="#round = :r AND generation = :g AND #state IN (:running, :stop) AND "
+                "(attribute_not_exists(heartbeat_at) OR heartbeat_at = :seen)",
+                ExpressionAttributeNames={"#round": "round", "#state": "state"},
+                ExpressionAttributeValues={
+                    ":one": 1,
+                    ":now": now_iso(),
+                    ":r": run.round_index,
+                    ":g": run.generation,
+                    ":running": RUNNING,
+                    ":stop": STOP_REQUESTED,
+                    ":seen": run.heartbeat_at or "",
+                },
+                ReturnValues="ALL_NEW",
+            )
+        except CoordinationConflictError:
+            return None
+        return RunStatus.from_item(attributes)
+
+    def list_active_run_ids(self) -> list[str]:
+        """Runs that are RUNNING or STOP_REQUESTED, from the sparse index (never a table scan)."""
+        run_ids: list[str] = []
+        kwargs: dict[str, Any] = {
+            "IndexName": ACTIVE_INDEX,
+            "KeyConditionExpression": "active = :one",
+            "ExpressionAttributeValues": {":one": "1"},
+        }
+        while True:
+            page = self.table.query(**kwargs)
+            run_ids.extend(str(item["pk"]).removeprefix("RUN#") for item in page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                return run_ids
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def heartbeat(self, run_id: str) -> None:
+        """Record that an invocation is working on an active run (the watchdog's measure of progress)."""
+        self._transition(
+            "update_item",
+            "run is not active",
+            Key=run_key(run_id),
+            UpdateExpression="SET heartbeat_at = :now",
+            ConditionExpression="#state IN (:running, :stop)",
+            ExpressionAttributeNames={"#state": "state"},
+            ExpressionAttributeValues={":now": now_iso(), ":running": RUNNING, ":stop": STOP_REQUESTED},
         )
 
     def mark_fanned_out(self, run_id: str, round_index: int) -> None:
@@ -366,22 +539,36 @@ class StatusTable:
             ExpressionAttributeValues={":stop": STOP_REQUESTED, ":running": RUNNING, ":now": now_iso()},
         )
 
-    def fail_run(self, run_id: str, reason: str) -> bool:
-        """Mark an active run FAILED with a reason. False if it had already ended."""
+    def fail_run(
+        self, run_id: str, reason: str, round_index: int | None = None, generation: int | None = None
+    ) -> bool:
+        """Mark an active run FAILED with a reason. False if it had already ended, or (when given) is no longer
+        at ``round_index`` in ``generation``: a failure of a stale event never fails the run."""
+        condition = "#state IN (:running, :stop)"
+        values: dict[str, Any] = {
+            ":failed": FAILED,
+            ":reason": reason[:1000],
+            ":now": now_iso(),
+            ":running": RUNNING,
+            ":stop": STOP_REQUESTED,
+        }
+        if round_index is not None:
+            condition += " AND #round = :r"
+            values[":r"] = round_index
+        if generation is not None:
+            condition += " AND generation = :g"
+            values[":g"] = generation
         return self._transition(
             "update_item",
             "run is not active",
             Key=run_key(run_id),
-            UpdateExpression="SET #state = :failed, reason = :reason, updated_at = :now",
-            ConditionExpression="#state IN (:running, :stop)",
-            ExpressionAttributeNames={"#state": "state"},
-            ExpressionAttributeValues={
-                ":failed": FAILED,
-                ":reason": reason[:1000],
-                ":now": now_iso(),
-                ":running": RUNNING,
-                ":stop": STOP_REQUESTED,
+            UpdateExpression="SET #state = :failed, reason = :reason, updated_at = :now REMOVE active",
+            ConditionExpression=condition,
+            ExpressionAttributeNames={
+                "#state": "state",
+                **({"#round": "round"} if round_index is not None else {}),
             },
+            ExpressionAttributeValues=values,
         )
 
     # --- rounds -----------------------------------------------------------------------------------------
@@ -423,26 +610,6 @@ class StatusTable:
         item = self.table.get_item(Key=round_key(run_id, round_index), ConsistentRead=True).get("Item")
         return RoundRecord.from_item(item) if item else None
 
-    def mark_round_completed(self, run_id: str, round_index: int) -> None:
-        """After the commit: late registrations for this round are refused from now on."""
-        self.table.update_item(
-            Key=round_key(run_id, round_index),
-            UpdateExpression="SET completed_at = if_not_exists(completed_at, :now)",
-            ExpressionAttributeValues={":now": now_iso()},
-        )
-
-    def record_round(self, run_id: str, round_index: int, metrics: RoundMetrics) -> None:
-        """Write a round's metrics (deterministic values: a duplicate combine writes the same ones)."""
-        fields = {**metrics.to_item(), "round": round_index}
-        values = {f":m{index}": value for index, value in enumerate(fields.values())}
-        names = {f"#m{index}": name for index, name in enumerate(fields)}
-        self.table.update_item(
-            Key=round_key(run_id, round_index),
-            UpdateExpression="SET " + ", ".join(f"#m{index} = :m{index}" for index in range(len(fields))),
-            ExpressionAttributeNames=names,
-            ExpressionAttributeValues=_dynamo(values),
-        )
-
     def list_rounds(self, run_id: str) -> list[RoundRecord]:
         """The run's round items in order (one Query, paginated)."""
         records: list[RoundRecord] = []
@@ -467,6 +634,28 @@ class StatusTable:
         except CoordinationConflictError:
             return False
         return True
+
+    def _transaction(self, conflict_message: str, *updates: dict[str, Any]) -> None:
+        """Several updates that all happen or none; a failed condition is a :class:`CoordinationConflictError`."""
+        items = [
+            {
+                "Update": {
+                    "TableName": self.table.name,
+                    **update,
+                    "ExpressionAttributeValues": _dynamo(update["ExpressionAttributeValues"]),
+                }
+            }
+            for update in updates
+        ]
+        try:
+            self.table.meta.client.transact_write_items(TransactItems=items)
+        except ClientError as exc:
+            reasons = exc.response.get("CancellationReasons") or []
+            if exc.response.get("Error", {}).get("Code") == "TransactionCanceledException" and any(
+                reason.get("Code") == "ConditionalCheckFailed" for reason in reasons
+            ):
+                raise CoordinationConflictError(conflict_message) from exc
+            raise
 
     def _conditional(self, operation: str, conflict_message: str, **kwargs: Any) -> dict[str, Any]:
         try:

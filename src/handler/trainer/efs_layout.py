@@ -4,14 +4,19 @@ Layout (``<root>`` is ``EFS_ROOT``)::
 
     <root>/datasets/<dataset>/{train_x,train_y,test_x,test_y}.npy, manifest.json
     <root>/runs/<run>/config.json                       resolved training configuration
-    <root>/runs/<run>/weights/round-000012.npz          global weights at the start of round 12
+    <root>/runs/<run>/weights/round-000012-<token>.npz  global weights at the start of round 12
     <root>/runs/<run>/updates/round-000012/worker-0003.npz   worker 3's update for round 12
     <root>/runs/<run>/partial/round-000012/worker-0003.npz   local state of a worker continued in a chained call
-    <root>/runs/<run>/outer/round-000012.npz            outer-optimizer (Nesterov) momentum before round 12
+    <root>/runs/<run>/outer/round-000012-<token>.npz    outer-optimizer (Nesterov) momentum before round 12
     <root>/runs/<run>/final.keras                       the trained model
 
-Writers create a temporary name in the target's directory, fsync, then ``os.replace``; readers and the
+Writers create a temporary name in the target's directory, fsync, then rename it into place; readers and the
 combiner only ever look at final names, so a crash never leaves a half-written file where one is counted.
+
+Results are write-once: an update, and ``final.keras``, are published with a hard link that fails when the name
+exists (the first finished copy wins, a duplicate never replaces a file another invocation may be reading); the
+next round's weights carry the token of the combine that wrote them, and the commit records the winner's.
+Only a worker's partial state, which only that worker's own continuation reads, is replaced in place.
 
 The dataset folder's names (:data:`DATASETS_DIR`, :data:`MANIFEST_FILE`, :data:`DATASET_ARRAYS`,
 :data:`DATASET_FORMAT_VERSION`), :data:`TMP_PREFIX` and :func:`fsync_directory` are the trainer's side of the
@@ -31,7 +36,7 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +50,7 @@ DATASET_FORMAT_VERSION = 1  # the manifest's format_version this trainer reads
 DATASET_ARRAYS = ("train_x", "train_y", "test_x", "test_y")  # each listed in the manifest's "arrays"
 _META_KEY = "__meta__"
 _UPDATE_RE = re.compile(r"^worker-(\d{4})\.npz$")
+_ROUND_FILE_RE = re.compile(r"^round-(\d{6})(?:-([A-Za-z0-9_-]{1,64})\.npz)?$")
 
 
 def check_name(kind: str, value: object) -> str:
@@ -67,8 +73,8 @@ class EfsLayout:
     def config_path(self, run_id: str) -> Path:
         return self.run_dir(run_id) / "config.json"
 
-    def weights_path(self, run_id: str, round_index: int) -> Path:
-        return self.run_dir(run_id) / "weights" / f"round-{round_index:06d}.npz"
+    def weights_path(self, run_id: str, round_index: int, token: str) -> Path:
+        return self.run_dir(run_id) / "weights" / f"round-{round_index:06d}-{check_name('token', token)}.npz"
 
     def updates_dir(self, run_id: str, round_index: int) -> Path:
         return self.run_dir(run_id) / "updates" / f"round-{round_index:06d}"
@@ -81,8 +87,8 @@ class EfsLayout:
             self.run_dir(run_id) / "partial" / f"round-{round_index:06d}" / f"worker-{worker_index:04d}.npz"
         )
 
-    def outer_state_path(self, run_id: str, round_index: int) -> Path:
-        return self.run_dir(run_id) / "outer" / f"round-{round_index:06d}.npz"
+    def outer_state_path(self, run_id: str, round_index: int, token: str) -> Path:
+        return self.run_dir(run_id) / "outer" / f"round-{round_index:06d}-{check_name('token', token)}.npz"
 
     def final_model_path(self, run_id: str) -> Path:
         return self.run_dir(run_id) / "final.keras"
@@ -95,23 +101,71 @@ class EfsLayout:
         found = (_UPDATE_RE.fullmatch(entry.name) for entry in directory.iterdir())
         return sorted(int(match.group(1)) for match in found if match)
 
+    def round_files(self, run_id: str) -> Iterator[tuple[str, int, str | None, Path]]:
+        """Every round-scoped entry of a run as ``(kind, round, token, path)``: kind is ``weights``, ``outer``
+        (token set), ``updates`` or ``partial`` (a round's folder, token None); temporary files are skipped."""
+        run_dir = self.run_dir(run_id)
+        for kind in ("weights", "outer", "updates", "partial"):
+            directory = run_dir / kind
+            if not directory.is_dir():
+                continue
+            for entry in directory.iterdir():
+                match = _ROUND_FILE_RE.fullmatch(entry.name)
+                if match and (match.group(2) is None) == (kind in ("updates", "partial")):
+                    yield kind, int(match.group(1)), match.group(2), entry
 
-@contextlib.contextmanager
-def atomic_writer(path: Path) -> Iterator[BinaryIO]:
-    """Open a temporary file beside ``path``; on success fsync and rename it into place, else remove it."""
+    def temporary_files(self, run_id: str) -> Iterator[Path]:
+        """Temporary files a killed writer left anywhere in the run's folder."""
+        return (path for path in self.run_dir(run_id).rglob(f"{TMP_PREFIX}*") if path.is_file())
+
+
+def new_token() -> str:
+    """A name for the files one combine writes (unique per invocation)."""
+    return uuid.uuid4().hex[:16]
+
+
+def write_bytes(path: Path, data: bytes, once: bool = False) -> bool:
+    """Write ``data`` to a temporary file beside ``path``, fsync it and put it in place; True if it was.
+
+    With ``once`` it is published with a hard link, which fails if ``path`` exists: a file, once there, never
+    changes (the first finished writer wins and this returns False for the others).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
     try:
         with open(tmp, "xb") as handle:
-            yield handle
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if once:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+        else:
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # after a link it is the second name of the published file; after a replace, gone
+    fsync_directory(path.parent)
+    return True
+
+
+def publish_file(tmp: Path, path: Path) -> bool:
+    """Publish a finished temporary file (one a library wrote, e.g. Keras's ``model.save``) at ``path`` once:
+    fsync it, link it into place unless ``path`` exists, remove the temporary name. True if this call did."""
+    try:
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        raise
     fsync_directory(path.parent)
+    return True
 
 
 def fsync_directory(directory: Path) -> None:
@@ -124,14 +178,8 @@ def fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
-def write_bytes(path: Path, data: bytes) -> int:
-    with atomic_writer(path) as handle:
-        handle.write(data)
-    return len(data)
-
-
-def write_json(path: Path, obj: Any) -> int:
-    return write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def write_json(path: Path, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_json(path: Path) -> Any:
@@ -143,13 +191,17 @@ def read_json(path: Path) -> Any:
         raise LayoutError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def save_arrays(path: Path, arrays: Sequence[np.ndarray], meta: dict[str, Any] | None = None) -> int:
-    """Write a list of arrays plus JSON metadata as one ``.npz``, atomically. Returns bytes written."""
+def save_arrays(
+    path: Path, arrays: Sequence[np.ndarray], meta: dict[str, Any] | None = None, once: bool = False
+) -> int:
+    """Write a list of arrays plus JSON metadata as one ``.npz``, atomically. Returns bytes written: 0 when
+    ``once`` is set and the file was already there (it is left as it was)."""
     buffer = io.BytesIO()
     named = {f"a{index:04d}": np.asarray(array) for index, array in enumerate(arrays)}
     named[_META_KEY] = np.frombuffer(json.dumps(meta or {}, sort_keys=True).encode(), dtype=np.uint8)
     np.savez(buffer, **named)
-    return write_bytes(path, buffer.getvalue())
+    data = buffer.getvalue()
+    return len(data) if write_bytes(path, data, once=once) else 0
 
 
 def load_arrays(path: Path) -> tuple[list[np.ndarray], dict[str, Any]]:

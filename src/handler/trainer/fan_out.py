@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 def fan_out(run: RunStatus, round_index: int, services: Services) -> None:
     epochs_done = run.schedule.epoch_of(round_index)
     events = [
-        WorkerEvent(run.run_id, round_index, worker, run.config.workers, epochs_done).to_wire()
+        WorkerEvent(
+            run.run_id, round_index, worker, run.config.workers, epochs_done, generation=run.generation
+        ).to_wire()
         for worker in range(run.config.workers)
     ]
     services.invoker.invoke_async(events)

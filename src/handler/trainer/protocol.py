@@ -1,16 +1,19 @@
 """The trainer's events: one frozen dataclass per kind, and :func:`parse_event` (no I/O here).
 
 Wire keys from the paper stay verbatim (``start``, ``workers``, ``workerno``, ``epochsdone``, ``combine``);
-keys this project adds are snake_case (``run``, ``round``, ``attempt``, ``resume``, ``resume_step``).
+keys this project adds are snake_case (``run``, ``round``, ``attempt``, ``resume``, ``resume_step``,
+``generation``). ``generation`` is the run's generation when the event was sent (a resume or a watchdog re-send
+starts a new one); events without it come from the first generation.
 
 ==================  ===========================================================================================
 kind                example
 ==================  ===========================================================================================
 start               ``{"start": true, "workers": 6, "run": "exp1", "epochs": 3, ...TrainConfig keys}``
 start (S3)          an ``ObjectCreated`` notification for ``start/<name>.json``; the object body is a start event
-worker              ``{"workerno": 3, "workers": 6, "epochsdone": 7, "run": "exp1", "round": 12}``
-combine             ``{"combine": true, "workers": 6, "epochsdone": 7, "run": "exp1", "round": 12}``
+worker              ``{"workerno": 3, "workers": 6, "epochsdone": 7, "run": "exp1", "round": 12, "generation": 1}``
+combine             ``{"combine": true, "workers": 6, "epochsdone": 7, "run": "exp1", "round": 12, "generation": 1}``
 stop                ``{"stop": true, "run": "exp1"}`` - finish the current round, then state STOPPED
+watchdog            ``{"watchdog": true}`` - the schedule's check for runs whose events were all lost
 failure record      what a Lambda ``OnFailure`` destination delivers for a failed event, directly or (as deployed)
                     as the body of the one SQS message of an ``aws:sqs`` event
 ==================  ===========================================================================================
@@ -54,6 +57,12 @@ class S3StartEvent:
         return self.key[len(START_PREFIX) : -len(START_SUFFIX)].replace("/", "-")
 
 
+def default_run_id(request_id: str) -> str:
+    """The id of a run whose start event names none: from the start's request id, which Lambda keeps across
+    its own retries and which a re-dispatched start carries on as ``run``."""
+    return f"run-{request_id[:8]}"
+
+
 @dataclass(frozen=True)
 class WorkerEvent:
     run_id: str
@@ -63,6 +72,7 @@ class WorkerEvent:
     epochs_done: int
     attempt: int = 1
     resume_step: int = 0  # > 0: a chained continuation that starts at this local step
+    generation: int = 1
 
     def to_wire(self) -> dict[str, Any]:
         wire = {
@@ -72,6 +82,7 @@ class WorkerEvent:
             "run": self.run_id,
             "round": self.round_index,
             "attempt": self.attempt,
+            "generation": self.generation,
         }
         if self.resume_step:
             wire["resume_step"] = self.resume_step
@@ -85,6 +96,7 @@ class CombineEvent:
     num_workers: int
     epochs_done: int
     attempt: int = 1
+    generation: int = 1
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -94,37 +106,45 @@ class CombineEvent:
             "run": self.run_id,
             "round": self.round_index,
             "attempt": self.attempt,
+            "generation": self.generation,
         }
 
 
 @dataclass(frozen=True)
 class StopEvent:
     run_id: str
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class WatchdogEvent:
+    """The scheduled check: re-send the current round of runs with no progress, or fail them."""
 
 
 @dataclass(frozen=True)
 class FailureRecord:
     """An ``OnFailure`` destination record: the failed event and why it failed.
 
-    ``failed`` is the failed worker or combine event; for a failed start (direct or S3) it is None and
-    ``start_payload`` holds the raw event, which is re-dispatched as it is with a higher ``attempt``.
+    ``failed`` is the failed worker or combine event; for a failed start (direct or S3), resume or stop it is
+    None and ``replay_payload`` holds the raw event, which is re-dispatched as it is (these events are
+    idempotent) with a higher ``attempt``.
     """
 
     failed: WorkerEvent | CombineEvent | None
     error_message: str
     error_type: str | None
     request_id: str | None
-    start_payload: dict[str, Any] | None = None
+    replay_payload: dict[str, Any] | None = None
 
     @property
     def attempt(self) -> int:
         if self.failed is not None:
             return self.failed.attempt
-        attempt = (self.start_payload or {}).get("attempt", 1)
+        attempt = (self.replay_payload or {}).get("attempt", 1)
         return attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else 1
 
 
-Event = StartEvent | S3StartEvent | WorkerEvent | CombineEvent | StopEvent | FailureRecord
+Event = StartEvent | S3StartEvent | WorkerEvent | CombineEvent | StopEvent | WatchdogEvent | FailureRecord
 
 
 def parse_event(raw: Any) -> Event:
@@ -142,11 +162,18 @@ def parse_event(raw: Any) -> Event:
     if "workerno" in raw:
         return _parse_worker(raw)
     if "stop" in raw:
-        _expect_keys(raw, required={"stop", "run"}, optional=set())
+        _expect_keys(raw, required={"stop", "run"}, optional={"attempt"})
         _require_true(raw, "stop")
-        return StopEvent(run_id=check_name("run", raw["run"]))
+        return StopEvent(
+            run_id=check_name("run", raw["run"]), attempt=_int(raw, "attempt", 1, 100, default=1)
+        )
+    if "watchdog" in raw:
+        _expect_keys(raw, required={"watchdog"}, optional=set())
+        _require_true(raw, "watchdog")
+        return WatchdogEvent()
     raise InvalidEventError(
         f"unrecognised event with keys {sorted(raw)}; expected one of 'start', 'workerno', 'combine', 'stop', "
+        "'watchdog', "
         "an S3 'Records' notification or a Lambda destination record"
     )
 
@@ -189,7 +216,7 @@ def _parse_worker(raw: Mapping[str, Any]) -> WorkerEvent:
     _expect_keys(
         raw,
         required={"workerno", "workers", "epochsdone", "run", "round"},
-        optional={"attempt", "resume_step"},
+        optional={"attempt", "resume_step", "generation"},
     )
     workers = _int(raw, "workers", 1, MAX_WORKERS)
     event = WorkerEvent(
@@ -200,12 +227,15 @@ def _parse_worker(raw: Mapping[str, Any]) -> WorkerEvent:
         epochs_done=_int(raw, "epochsdone", 0, 10**6),
         attempt=_int(raw, "attempt", 1, 100, default=1),
         resume_step=_int(raw, "resume_step", 0, 10**9, default=0),
+        generation=_int(raw, "generation", 1, 10**6, default=1),
     )
     return event
 
 
 def _parse_combine(raw: Mapping[str, Any]) -> CombineEvent:
-    _expect_keys(raw, required={"combine", "workers", "epochsdone", "run", "round"}, optional={"attempt"})
+    _expect_keys(
+        raw, required={"combine", "workers", "epochsdone", "run", "round"}, optional={"attempt", "generation"}
+    )
     _require_true(raw, "combine")
     return CombineEvent(
         run_id=check_name("run", raw["run"]),
@@ -213,6 +243,7 @@ def _parse_combine(raw: Mapping[str, Any]) -> CombineEvent:
         num_workers=_int(raw, "workers", 1, MAX_WORKERS),
         epochs_done=_int(raw, "epochsdone", 0, 10**6),
         attempt=_int(raw, "attempt", 1, 100, default=1),
+        generation=_int(raw, "generation", 1, 10**6, default=1),
     )
 
 
@@ -281,19 +312,19 @@ def _parse_failure_record(raw: Mapping[str, Any]) -> FailureRecord:
     else:
         message = str(context.get("condition") or "unknown error")
     failed: WorkerEvent | CombineEvent | None = None
-    start_payload = None
+    replay_payload = None
     if isinstance(payload, Mapping) and "combine" in payload:
         failed = _parse_combine(payload)
     elif isinstance(payload, Mapping) and "workerno" in payload:
         failed = _parse_worker(payload)
-    elif isinstance(payload, Mapping) and ("start" in payload or "Records" in payload):
-        start_payload = dict(payload)
+    elif isinstance(payload, Mapping) and ("start" in payload or "Records" in payload or "stop" in payload):
+        replay_payload = dict(payload)
     return FailureRecord(
         failed=failed,
         error_message=message[:1000],
         error_type=error_type,
         request_id=context.get("requestId"),
-        start_payload=start_payload,
+        replay_payload=replay_payload,
     )
 
 

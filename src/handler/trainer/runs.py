@@ -13,13 +13,13 @@ import numpy as np
 from botocore.exceptions import ClientError
 
 from trainer import config, logs
-from trainer.coordination import RunStatus
+from trainer.coordination import INITIAL_TOKEN, MAX_ROUNDS, RunStatus
 from trainer.efs_layout import EfsLayout, save_arrays, write_json
 from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError, TrainingError
 from trainer.fan_out import fan_out
 from trainer.protocol import S3StartEvent, StartEvent, StopEvent, parse_start_object
 from trainer.schedule import Schedule
-from trainer.services import Services, dataset_for, initial_weights, require_run
+from trainer.services import Services, dataset_digest, dataset_for, initial_weights, require_run
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ def start_run(
     run_id = event.run_id or default_run_id
     logs.bind_more(run_id=run_id)
     dataset = dataset_for(cfg, services.layout)  # a missing dataset fails here, before anything is written
-    planned = RunStatus.new(run_id, cfg, len(dataset.train_x), export_bucket)
+    digest = dataset_digest(cfg, services.layout)
+    planned = RunStatus.new(run_id, cfg, len(dataset.train_x), export_bucket, dataset_sha256=digest)
     _check_plan(planned.schedule)
     run = services.status.get_run(run_id)
     if run is None and services.layout.run_dir(run_id).exists():
@@ -76,14 +77,19 @@ def start_run(
     if not run.active or run.round_index > 0 or run.fanned_out >= 0:
         logs.event(log, "duplicate_start_ignored", state=run.state, round=run.round_index)
         return {"status": "duplicate", "run": run_id, "state": run.state}
-    if not services.layout.weights_path(run_id, 0).exists():  # a crashed first delivery: finish its work
+    if not services.layout.weights_path(run_id, 0, INITIAL_TOKEN).exists():  # a crashed first delivery
         _write_initial_state(run_id, cfg, initial_weights(cfg, services.layout.root), services.layout)
     fan_out(run, 0, services)
     return {"status": "started", "run": run_id, "workers": cfg.workers, "total_rounds": run.total_rounds}
 
 
 def _check_plan(schedule: Schedule) -> None:
-    """Every worker must have examples to train on in every round."""
+    """Every worker must have examples to train on in every round, and the rounds must fit the sort keys."""
+    if schedule.total_rounds > MAX_ROUNDS:
+        raise InvalidEventError(
+            f"the plan has {schedule.total_rounds} rounds ({schedule.config.epochs} epochs x "
+            f"{schedule.rounds_per_epoch} rounds per epoch); at most {MAX_ROUNDS} are supported"
+        )
     if schedule.shard_size < 1:
         raise InvalidEventError(
             f"workers {schedule.config.workers} exceeds the {schedule.num_train} training examples"
@@ -99,7 +105,7 @@ def _write_initial_state(
     run_id: str, cfg: config.TrainConfig, weights: list[np.ndarray], layout: EfsLayout
 ) -> None:
     write_json(layout.config_path(run_id), cfg.to_dict())
-    size = save_arrays(layout.weights_path(run_id, 0), weights, {"round": 0})
+    size = save_arrays(layout.weights_path(run_id, 0, INITIAL_TOKEN), weights, {"round": 0}, once=True)
     logs.event(log, "initial_weights_written", size_bytes=size)
 
 

@@ -3,6 +3,7 @@ model, and two lookups that fail clearly (the run item, the round's global weigh
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -14,8 +15,8 @@ import numpy as np
 
 from trainer import config, data, logs, models
 from trainer.coordination import RunStatus, StatusTable
-from trainer.efs_layout import EfsLayout, load_arrays
-from trainer.errors import InvalidEventError, LayoutError
+from trainer.efs_layout import MANIFEST_FILE, EfsLayout, load_arrays
+from trainer.errors import DatasetChangedError, InvalidEventError, LayoutError
 from trainer.invocation import Invoker, LambdaInvoker
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,27 @@ def initial_weights(cfg: config.TrainConfig, efs_root: Path) -> list[np.ndarray]
     return model.get_weights()
 
 
+def dataset_digest(cfg: config.TrainConfig, layout: EfsLayout) -> str:
+    """The sha256 of the dataset's manifest (which holds every array's sha256): what a run pins at start."""
+    path = layout.dataset_dir(cfg.dataset) / MANIFEST_FILE
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError as exc:
+        raise LayoutError(f"{path}: missing; prepare the dataset first (make preprocess)") from exc
+
+
 def dataset_for(cfg: config.TrainConfig, layout: EfsLayout) -> data.Dataset:
     return data.open_dataset(layout.dataset_dir(cfg.dataset)).limited(cfg.train_samples, cfg.test_samples)
+
+
+def run_dataset(run: RunStatus, layout: EfsLayout) -> data.Dataset:
+    """The dataset a run started with; another one (prepared or staged again since) is refused."""
+    if run.dataset_sha256 is not None and dataset_digest(run.config, layout) != run.dataset_sha256:
+        raise DatasetChangedError(
+            f"dataset {run.config.dataset!r} changed since run {run.run_id!r} started (its manifest's sha256 is no "
+            f"longer {run.dataset_sha256[:12]}...); a run trains on one dataset: start a new run"
+        )
+    return dataset_for(run.config, layout)
 
 
 # --- helpers --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 
 from trainer import data, logs
 from trainer.config import TrainConfig
+from trainer.errors import DivergenceError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,10 @@ def train_steps(
         state.samples += len(batch)
         state.next_step += 1
         if not np.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss} at step {step}; lower 'lr'")
+            raise DivergenceError(
+                f"training loss became {loss} at local step {step}: the run diverged; start again with a lower "
+                f"'lr' (this run's is {config.lr:g})"
+            )
     return True
 
 

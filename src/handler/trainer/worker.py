@@ -19,7 +19,7 @@ from trainer.coordination import RunStatus
 from trainer.efs_layout import load_arrays, save_arrays
 from trainer.errors import CoordinationConflictError, InvalidEventError, TrainingError
 from trainer.protocol import CombineEvent, WorkerEvent
-from trainer.services import Services, dataset_for, load_global_weights, model_for, require_run
+from trainer.services import Services, load_global_weights, model_for, require_run, run_dataset
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +30,20 @@ def run_worker(event: WorkerEvent, services: Services, context: Any) -> dict[str
     if event.num_workers != run.config.workers:
         raise InvalidEventError(f"workers {event.num_workers} does not match the run's {run.config.workers}")
     if not run.is_current(event.round_index):
-        logs.event(log, "stale_worker_event_ignored", run_round=run.round_index, state=run.state)
-        return {"status": "ignored", "reason": f"run is {run.state} at round {run.round_index}"}
+        return _stale(run)
+    services.status.heartbeat(run.run_id)
     if services.layout.update_path(event.run_id, event.round_index, event.worker_index).exists():
         logs.event(log, "update_already_written")
     else:
-        continued = train_share(event, run, services, context)
-        if continued is not None:
-            return continued
+        outcome = train_share(event, run, services, context)
+        if outcome is not None:
+            return outcome
     return _register(event, run, services)
+
+
+def _stale(run: RunStatus) -> dict[str, Any]:
+    logs.event(log, "stale_worker_event_ignored", run_round=run.round_index, state=run.state)
+    return {"status": "ignored", "reason": f"run is {run.state} at round {run.round_index}"}
 
 
 def train_share(
@@ -51,10 +56,11 @@ def train_share(
     3. done: write the update; short of time: save the state and invoke a continuation of this event.
     """
     began = time.perf_counter()
-    dataset = dataset_for(run.config, services.layout)
+    dataset = run_dataset(run, services.layout)
     logs.bind_more(epoch=run.schedule.epoch_of(event.round_index))
     model = model_for(run.config, services.layout.root)
-    global_weights = load_global_weights(services.layout.weights_path(run.run_id, event.round_index), model)
+    weights_path = services.layout.weights_path(run.run_id, event.round_index, run.weights_token)
+    global_weights = load_global_weights(weights_path, model)
     state = _restore_local_state(event, run, model, global_weights, services)
     indices = run.schedule.worker_indices(event.round_index, event.worker_index)
     load_s = time.perf_counter() - began
@@ -74,6 +80,9 @@ def train_share(
     steps_now = state.next_step - first_step
     if not done:
         return _continue_later(event, run, model, state, steps_now, load_s, services)
+    fresh = services.status.get_run(run.run_id)  # a late copy must not leave an update nobody will read
+    if fresh is None or not fresh.is_current(event.round_index):
+        return _stale(fresh or run)
     _write_update(event, run, model, global_weights, state, steps_now, load_s, services)
     return None
 
@@ -162,8 +171,12 @@ def _write_update(
         "invocations": state.invocations,
     }
     layout = services.layout
-    size = save_arrays(layout.update_path(run.run_id, event.round_index, event.worker_index), update, meta)
+    path = layout.update_path(run.run_id, event.round_index, event.worker_index)
+    size = save_arrays(path, update, meta, once=True)  # a copy that finished first has already won
     layout.partial_path(run.run_id, event.round_index, event.worker_index).unlink(missing_ok=True)
+    if not size:
+        logs.event(log, "update_already_written")
+        return
     throughput = (steps_now * run.config.batch_size) / max(state.compute_s, 1e-9) if steps_now else 0.0
     logs.event(
         log,
@@ -193,7 +206,9 @@ def _register(event: WorkerEvent, run: RunStatus, services: Services) -> dict[st
         event.run_id, event.round_index, run.generation, event.worker_index, event.attempt
     ):
         return {"status": "trained", "done": len(done), "combine": "claimed elsewhere"}
-    combine = CombineEvent(event.run_id, event.round_index, run.config.workers, event.epochs_done)
+    combine = CombineEvent(
+        event.run_id, event.round_index, run.config.workers, event.epochs_done, generation=run.generation
+    )
     services.invoker.invoke_async([combine.to_wire()])
     logs.event(log, "combine_invoked")
     return {"status": "trained", "done": len(done), "combine": "invoked"}
