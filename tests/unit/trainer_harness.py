@@ -149,9 +149,16 @@ FAILURE_RECORD = {
 }
 
 
-def failure_record(payload: dict[str, Any], error_type: str = "InvocationError") -> dict[str, Any]:
-    """What the OnFailure destination delivers when ``payload`` failed with ``error_type``."""
+def failure_record(
+    payload: dict[str, Any],
+    error_type: str = "InvocationError",
+    request_id: str = "r-1",
+    message: str = "boom",
+) -> dict[str, Any]:
+    """What the OnFailure destination delivers when ``payload`` (invoked as ``request_id``) failed."""
     record = copy.deepcopy(FAILURE_RECORD)
     record["requestPayload"] = payload
+    record["requestContext"]["requestId"] = request_id
     record["responsePayload"]["errorType"] = error_type
+    record["responsePayload"]["errorMessage"] = message
     return record

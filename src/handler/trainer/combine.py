@@ -254,7 +254,8 @@ def _follow_up(run: RunStatus, services: Services, model: keras.Model | None = N
 
 
 def _finish(run: RunStatus, services: Services, model: keras.Model | None) -> str:
-    """Export ``final.keras`` from the committed weights (and upload it), then mark the run SUCCEEDED."""
+    """Export ``final.keras`` from the committed weights (and upload it), delete what the run no longer needs,
+    then mark the run SUCCEEDED."""
     path = services.layout.final_model_path(run.run_id)
     if not path.exists():
         if model is None:  # a follow-up after a crash: the committed weights are on EFS
@@ -265,6 +266,8 @@ def _finish(run: RunStatus, services: Services, model: keras.Model | None) -> st
     summary = RunSummary(final_model=str(path))
     if run.export_bucket:  # before SUCCEEDED: a succeeded run's model is in S3 too
         summary = dataclasses.replace(summary, final_model_s3=_upload_model(path, run, services))
+    # Before SUCCEEDED, so that a crash in between leaves the clean-up to the retried follow-up.
+    housekeeping.clean_up(dataclasses.replace(run, state=SUCCEEDED), services.layout)
     if services.status.finish_run(run, summary):
         logs.event(
             log,

@@ -169,7 +169,7 @@ class RunStatus:
 
     def is_current(self, round_index: int) -> bool:
         """An event for ``round_index`` has work to do: the run is active and training that round."""
-        return self.active and self.round_index == round_index
+        return self.active and self.round_index == round_index < self.total_rounds
 
     def awaits_follow_up(self, round_index: int) -> bool:
         """``round_index`` was committed, but the invocation that committed it died before its follow-up: sending

@@ -9,7 +9,7 @@ import logging
 
 from trainer import logs
 from trainer.coordination import RunStatus
-from trainer.protocol import WorkerEvent
+from trainer.protocol import CombineEvent, WorkerEvent
 from trainer.services import Services
 
 log = logging.getLogger(__name__)
@@ -26,3 +26,16 @@ def fan_out(run: RunStatus, round_index: int, services: Services) -> None:
     services.invoker.invoke_async(events)
     services.status.mark_fanned_out(run.run_id, round_index)
     logs.event(log, "workers_invoked", round=round_index, workers=len(events))
+
+
+def resend(run: RunStatus, services: Services) -> None:
+    """Send what an active run needs next (a resume, or the watchdog's re-send): the follow-up of its last
+    commit if that was cut short (the next round's fan-out, or finishing the run), else its current round."""
+    if run.round_index > 0 and run.awaits_follow_up(run.round_index - 1):
+        follow_up = CombineEvent(
+            run.run_id, run.round_index - 1, run.config.workers, run.epochs_done, generation=run.generation
+        )
+        services.invoker.invoke_async([follow_up.to_wire()])
+        logs.event(log, "follow_up_invoked", round=run.round_index - 1)
+    else:
+        fan_out(run, run.round_index, services)

@@ -16,7 +16,7 @@ from trainer import config, logs
 from trainer.coordination import INITIAL_TOKEN, MAX_ROUNDS, RunStatus
 from trainer.efs_layout import EfsLayout, save_arrays, write_json
 from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError, TrainingError
-from trainer.fan_out import fan_out
+from trainer.fan_out import fan_out, resend
 from trainer.protocol import S3StartEvent, StartEvent, StopEvent, parse_start_object
 from trainer.schedule import Schedule
 from trainer.services import Services, dataset_digest, dataset_for, initial_weights, require_run
@@ -121,7 +121,7 @@ def _resume_run(event: StartEvent, services: Services) -> dict[str, Any]:
         )
     run = services.status.resume_run(event.run_id)
     logs.event(log, "run_resumed", round=run.round_index, generation=run.generation)
-    fan_out(run, run.round_index, services)
+    resend(run, services)
     return {"status": "resumed", "run": run.run_id, "round": run.round_index}
 
 

@@ -19,8 +19,7 @@ from typing import Any
 from trainer import logs
 from trainer.coordination import RunStatus
 from trainer.errors import LayoutError
-from trainer.fan_out import fan_out
-from trainer.protocol import CombineEvent
+from trainer.fan_out import resend
 from trainer.services import Services
 
 log = logging.getLogger(__name__)
@@ -61,18 +60,7 @@ def _revive(run: RunStatus, silent_s: float, services: Services) -> str:
     revived = services.status.resend_round(run)
     if revived is None:
         return "moved on"
-    if revived.fanned_out < revived.round_index and revived.round_index > 0:
-        # The previous round was committed but its follow-up (the fan-out, or finishing) was lost.
-        follow_up = CombineEvent(
-            revived.run_id,
-            revived.round_index - 1,
-            revived.config.workers,
-            revived.epochs_done,
-            generation=revived.generation,
-        )
-        services.invoker.invoke_async([follow_up.to_wire()])
-    else:
-        fan_out(revived, revived.round_index, services)
+    resend(revived, services)
     logs.event(
         log,
         "round_resent",
