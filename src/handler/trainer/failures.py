@@ -20,7 +20,6 @@ from trainer.protocol import (
     FailureRecord,
     S3StartEvent,
     StartEvent,
-    StopEvent,
     WorkerEvent,
     default_run_id,
     parse_event,
@@ -101,30 +100,17 @@ def _replay(record: FailureRecord, services: Services) -> dict[str, Any]:
         return {"status": "redispatched", "attempt": payload["attempt"]}
     reason = f"{_describe(payload)} failed {record.attempt} times; last error: {record.error_message}"
     logs.event(log, "replay_attempts_exhausted", level=logging.ERROR, reason=reason)
-    run_id = _run_id_of(payload)
+    try:
+        event = parse_event(payload)
+    except errors.InvalidEventError:
+        return {"status": "ignored", "reason": reason}
+    run_id = event.run_id if isinstance(event, StartEvent | S3StartEvent) else None
     run = services.status.get_run(run_id) if run_id else None
-    if (
-        run is not None
-        and run.active
-        and run.fanned_out < run.round_index
-        and not isinstance(parse_event(payload), StopEvent)
-    ):
+    if run is not None and run.active and run.fanned_out < run.round_index:  # it never got its workers out
         services.status.fail_run(run.run_id, reason, round_index=run.round_index, generation=run.generation)
         logs.event(log, "run_failed", level=logging.ERROR, reason=reason, failed_request_id=record.request_id)
         return {"status": FAILED.lower(), "reason": reason}
     return {"status": "ignored", "reason": reason}
-
-
-def _run_id_of(payload: dict[str, Any]) -> str | None:
-    try:
-        event = parse_event(payload)
-    except errors.InvalidEventError:
-        return None
-    if isinstance(event, StartEvent | StopEvent):
-        return event.run_id
-    if isinstance(event, S3StartEvent):
-        return event.run_id
-    return None
 
 
 def _describe(payload: dict[str, Any]) -> str:
