@@ -16,7 +16,13 @@ How (the full archive takes seconds and a few hundred MB):
   decoded and converted to NHWC on its own, so at most one batch's pickle is in memory next to the
   converted images; the array files are then written batch by batch, hashing as they go.
 - Pickles are loaded by an unpickler that accepts only the few NumPy and ``_codecs`` globals a CIFAR-10
-  batch uses, so a hostile archive cannot run code.
+  batch uses, so a hostile archive cannot run code. Arrays are rebuilt only as NumPy's own pickles do it
+  (``_reconstruct`` of an empty ``ndarray``, then its state with the raw bytes, which must match the shape),
+  so a pickle cannot call ``ndarray`` or ``dtype`` itself to conjure memory it does not carry.
+- Input is bounded before it is read: a member or file over :data:`MAX_MEMBER_BYTES` (64 MiB; a batch is
+  30-45 MB) or a pickle of more than :data:`MAX_PICKLE_OPCODES` opcodes is refused, and ``labels`` must be a
+  list of at most :data:`MAX_BATCH_IMAGES` ints before anything is converted, so a small archive that
+  claims or expands to a huge batch fails with :class:`PrepError` instead of exhausting memory.
 - Every batch is validated (keys, dtype, 3072 bytes per image, one label 0-9 per image, each batch exactly
   once) before anything is written; errors name the source, the batch and the problem.
 - The arrays are written into ``.tmp-<name>-<random>/`` beside ``out_dir``, fsynced, and renamed into place
@@ -35,8 +41,11 @@ import hashlib
 import io
 import logging
 import lzma
+import math
 import os
 import pickle
+import pickletools
+import re
 import tarfile
 import time
 import zlib
@@ -64,6 +73,10 @@ NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)  # height, width, channels (NHWC per image)
 IMAGE_BYTES = 32 * 32 * 3
 LABEL_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+MAX_BATCH_IMAGES = 10_000  # every official batch holds exactly this many
+MAX_MEMBER_BYTES = 64 * 1024 * 1024  # a batch pickle is about 30 MB (Python 2) or 45 MB (Python 3 protocol 2)
+MAX_PICKLE_OPCODES = 250_000  # a batch pickle has about 90,000 (two or three per image)
 
 DEFAULT_OUT_DIR = Path(".local/efs/datasets/cifar10")
 DEFAULT_CACHE_DIR = Path(".local/cache")
@@ -218,6 +231,7 @@ class ArchiveSource:
                             continue
                         if not member.isfile():
                             raise PrepError(f"{self.path}: {member.name} is not a regular file")
+                        _check_size(f"{self.path}: {member.name}", member.size)
                         yield member.name, tar.extractfile(member).read()  # type: ignore[union-attr]
                 while stream.read(CHUNK_BYTES):  # the tar end blocks, then the compressor's trailer
                     pass
@@ -265,6 +279,7 @@ class FolderSource:
         with _progress(total, f"decoding {self.name}") as bar:
             for path in self.files:
                 try:
+                    _check_size(str(path), path.stat().st_size)
                     payload = path.read_bytes()
                 except OSError as exc:
                     raise PrepError(f"{path}: cannot read ({exc})") from exc
@@ -276,6 +291,15 @@ class FolderSource:
 
 
 Source = ArchiveSource | FolderSource
+
+
+def _check_size(where: str, size_bytes: int) -> None:
+    """Refuse a file too big to be a CIFAR-10 batch before reading it."""
+    if size_bytes > MAX_MEMBER_BYTES:
+        raise PrepError(
+            f"{where}: {size_bytes} bytes, more than the {MAX_MEMBER_BYTES} (64 MiB) a CIFAR-10 batch can "
+            f"take (each holds {MAX_BATCH_IMAGES} images, about 30 MB)"
+        )
 
 
 def open_source(path: Path) -> Source:
@@ -320,19 +344,120 @@ class DecodedSource:
         return self.test.labels
 
 
-# NumPy 1 pickles name numpy.core.multiarray, NumPy 2 numpy._core.multiarray; asking an array and a
-# scalar how they pickle finds the functions without importing the deprecated path.
-_RECONSTRUCT_ARRAY = np.empty(0).__reduce__()[0]
-_RECONSTRUCT_SCALAR = np.uint8(0).__reduce__()[0]
+# How NumPy pickles an array (protocol 2, NumPy 1 or 2, Python 2 or 3):
+#   _reconstruct(numpy.ndarray, (0,), b"b")                      an empty array, then BUILD with its state
+#   (1, shape, dtype, is_fortran, raw bytes)                     -> ndarray.__setstate__
+# and a dtype: numpy.dtype("u1", False, True), then BUILD with (3, "|", None, None, None, -1, -1, 0).
+# The unpickler hands out stand-ins for these globals, which accept exactly that and nothing else: numpy.ndarray
+# cannot be called, only named as _reconstruct's subtype; the array is made from the raw bytes the pickle
+# carries (whose length must match shape x itemsize), never from a shape alone; a dtype is a plain bool, int,
+# uint or float one with no fields, subarray or flags from the pickle.
+_DTYPE_CODE = "[biuf][1248]"
+_DTYPE_STATE_TAIL = (None, None, None, -1, -1, 0)  # subarray, names, fields, elsize, alignment, flags
+_BYTE_ORDERS = ("|", "<", ">", "=")
+MAX_ARRAY_DIMS = 4
+
+
+class _PickledArrayType:
+    """What ``numpy.ndarray`` resolves to: only a marker for :func:`_reconstruct_array`."""
+
+    def __call__(self, *args: Any) -> None:
+        raise pickle.UnpicklingError(
+            f"refusing to call numpy.ndarray{args!r:.100}; arrays are only rebuilt from the bytes they carry"
+        )
+
+    def __repr__(self) -> str:
+        return "numpy.ndarray"
+
+
+_NDARRAY = _PickledArrayType()
+
+
+class _PickledDtype:
+    """A ``numpy.dtype`` being unpickled; :attr:`dtype` is the NumPy dtype once its state is checked."""
+
+    def __init__(self, code: object, align: object = False, copy: object = True) -> None:
+        name = code.decode("latin-1") if isinstance(code, bytes) else code
+        if not isinstance(name, str) or not re.fullmatch(_DTYPE_CODE, name) or (align, copy) != (False, True):
+            raise pickle.UnpicklingError(
+                f"refusing numpy.dtype{(code, align, copy)!r:.100}; expected a bool, int, uint or float code"
+            )
+        self.dtype = np.dtype(name)
+
+    def __setstate__(self, state: object) -> None:
+        if isinstance(state, tuple) and len(state) == 8 and isinstance(state[1], bytes):
+            state = (state[0], state[1].decode("latin-1"), *state[2:])  # Python 2 str, loaded as bytes
+        if (
+            not isinstance(state, tuple)
+            or len(state) != 8
+            or state[0] != 3
+            or state[1] not in _BYTE_ORDERS
+            or state[2:] != _DTYPE_STATE_TAIL
+        ):
+            raise pickle.UnpicklingError(f"refusing dtype state {state!r:.100}; expected (3, '|', None, ...)")
+        if state[1] in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder(state[1])
+
+
+class _PickledArray:
+    """An ``ndarray`` being unpickled; :attr:`array` is set from its state (shape, dtype and raw bytes)."""
+
+    array: np.ndarray | None = None
+
+    def __setstate__(self, state: object) -> None:
+        if not isinstance(state, tuple) or len(state) != 5 or state[0] != 1:
+            raise pickle.UnpicklingError(
+                f"refusing array state {state!r:.100}; expected (1, shape, dtype, fortran, bytes)"
+            )
+        _, shape, dtype, is_fortran, raw = state
+        if (
+            not isinstance(shape, tuple)
+            or len(shape) > MAX_ARRAY_DIMS
+            or not all(type(size) is int and size >= 0 for size in shape)
+        ):
+            raise pickle.UnpicklingError(f"refusing array shape {shape!r:.100}")
+        if not isinstance(dtype, _PickledDtype) or not isinstance(raw, bytes):
+            raise pickle.UnpicklingError(
+                f"refusing array state with a {type(dtype).__name__} dtype and {type(raw).__name__} data"
+            )
+        needed = math.prod(shape) * dtype.dtype.itemsize
+        if len(raw) != needed:
+            raise pickle.UnpicklingError(
+                f"array of shape {shape} and dtype {dtype.dtype} needs {needed} bytes, the pickle has {len(raw)}"
+            )
+        self.array = np.frombuffer(raw, dtype.dtype).reshape(shape, order="F" if is_fortran else "C")
+
+
+def _reconstruct_array(subtype: object, shape: object, code: object) -> _PickledArray:
+    if subtype is not _NDARRAY or shape != (0,) or code not in (b"b", "b"):
+        raise pickle.UnpicklingError(
+            f"refusing _reconstruct{(subtype, shape, code)!r:.100}; expected (numpy.ndarray, (0,), b'b')"
+        )
+    return _PickledArray()
+
+
+def _reconstruct_scalar(dtype: object, raw: object) -> Any:
+    if not isinstance(dtype, _PickledDtype) or not isinstance(raw, bytes) or len(raw) != dtype.dtype.itemsize:
+        raise pickle.UnpicklingError(f"refusing numpy scalar{(dtype, raw)!r:.100}")
+    return np.frombuffer(raw, dtype.dtype)[0]
+
+
+def _encode_latin1(text: object, encoding: object) -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode{(text, encoding)!r:.100}")
+    return codecs.encode(text, "latin-1")
+
+
 # Every global a CIFAR-10 pickle (Python 2 or 3, NumPy 1 or 2) refers to; anything else is refused.
+# NumPy 1 pickles name numpy.core.multiarray, NumPy 2 numpy._core.multiarray.
 ALLOWED_PICKLE_GLOBALS: dict[tuple[str, str], Any] = {
-    ("_codecs", "encode"): codecs.encode,  # how Python 3 writes bytes at protocol 2
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT_ARRAY,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT_ARRAY,
-    ("numpy.core.multiarray", "scalar"): _RECONSTRUCT_SCALAR,
-    ("numpy._core.multiarray", "scalar"): _RECONSTRUCT_SCALAR,
+    ("_codecs", "encode"): _encode_latin1,  # how Python 3 writes bytes at protocol 2
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _PickledDtype,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct_array,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct_array,
+    ("numpy.core.multiarray", "scalar"): _reconstruct_scalar,
+    ("numpy._core.multiarray", "scalar"): _reconstruct_scalar,
 }
 
 
@@ -346,17 +471,39 @@ class _BatchUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}") from None
 
 
+def _count_opcodes(payload: bytes, limit: int) -> None:
+    """Refuse a pickle of more than ``limit`` opcodes before it runs: each can add an object, so a small
+    payload of repeated appends could otherwise build a list of millions."""
+    for count, _ in enumerate(pickletools.genops(payload), start=1):
+        if count > limit:
+            raise pickle.UnpicklingError(f"more than {limit} opcodes; a CIFAR-10 batch has about 90,000")
+
+
+def _unwrap(value: Any) -> Any:
+    if isinstance(value, _PickledArray):
+        if value.array is None:
+            raise pickle.UnpicklingError("an array was never given its state")
+        return value.array
+    if isinstance(value, _PickledDtype):
+        return value.dtype
+    return value
+
+
 def load_pickle(payload: bytes, where: str) -> dict[str, Any]:
     """Unpickle a batch or meta file into a dict with str keys (CIFAR-10 pickles use bytes keys)."""
     try:
+        _count_opcodes(payload, MAX_PICKLE_OPCODES)
         loaded = _BatchUnpickler(io.BytesIO(payload), encoding="bytes").load()
+        if not isinstance(loaded, dict):
+            raise PrepError(f"{where}: expected a pickled dict, got {type(loaded).__name__}")
+        return {
+            key.decode("latin-1") if isinstance(key, bytes) else str(key): _unwrap(value)
+            for key, value in loaded.items()
+        }
+    except PrepError:
+        raise
     except Exception as exc:  # a malformed pickle can raise almost anything
         raise PrepError(f"{where}: not a readable CIFAR-10 pickle ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(loaded, dict):
-        raise PrepError(f"{where}: expected a pickled dict, got {type(loaded).__name__}")
-    return {
-        key.decode("latin-1") if isinstance(key, bytes) else str(key): value for key, value in loaded.items()
-    }
 
 
 def decode_batch(payload: bytes, where: str) -> Batch:
@@ -372,30 +519,39 @@ def decode_batch(payload: bytes, where: str) -> Batch:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
         found = f"{data.dtype} array" if isinstance(data, np.ndarray) else type(data).__name__
         raise PrepError(f"{where}: 'data' must be a uint8 array, got {found}")
-    try:
-        labels = np.asarray(raw_labels)
-    except (ValueError, TypeError) as exc:
-        raise PrepError(f"{where}: 'labels' is not a list of integers ({exc})") from exc
-    if labels.ndim != 1 or labels.dtype.kind not in "iu" or labels.size == 0:
-        raise PrepError(
-            f"{where}: 'labels' must be a non-empty list of integers, got {labels.dtype} {labels.shape}"
-        )
+    labels = _check_labels(raw_labels, where)
     count = labels.shape[0]
     if data.shape != (count, IMAGE_BYTES):
         raise PrepError(
             f"{where}: 'data' has shape {data.shape}, expected ({count}, {IMAGE_BYTES}): "
             f"one row of {IMAGE_BYTES} bytes (32 x 32 pixels x 3 channels) per label"
         )
-    out_of_range = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
-    if out_of_range.size:
-        first = int(out_of_range[0])
-        raise PrepError(
-            f"{where}: {out_of_range.size} label(s) outside 0-{NUM_CLASSES - 1}, "
-            f"first labels[{first}] = {labels[first]}"
-        )
     # Row = 1024 red, 1024 green, 1024 blue values -> (n, channel, row, col) -> (n, row, col, channel).
     images = np.ascontiguousarray(data.reshape(count, 3, 32, 32).transpose(0, 2, 3, 1))
     return Batch(images=images, labels=labels.astype(np.uint8))
+
+
+def _check_labels(raw_labels: object, where: str) -> np.ndarray:
+    """``labels`` as uint8, once it proved a list of 1 to 10,000 ints (not bools), each 0-9."""
+    if not isinstance(raw_labels, list) or not 0 < len(raw_labels) <= MAX_BATCH_IMAGES:
+        found = f"a list of {len(raw_labels)}" if isinstance(raw_labels, list) else type(raw_labels).__name__
+        raise PrepError(
+            f"{where}: 'labels' must be a list of 1 to {MAX_BATCH_IMAGES} integers, got {found:.100}"
+        )
+    for index, label in enumerate(raw_labels):
+        if not isinstance(label, int | np.integer) or isinstance(label, bool):
+            raise PrepError(
+                f"{where}: 'labels' must hold integers, got labels[{index}] = {label!r:.100} "
+                f"({type(label).__name__})"
+            )
+    out_of_range = [index for index, label in enumerate(raw_labels) if not 0 <= label < NUM_CLASSES]
+    if out_of_range:
+        first = out_of_range[0]
+        raise PrepError(
+            f"{where}: {len(out_of_range)} label(s) outside 0-{NUM_CLASSES - 1}, "
+            f"first labels[{first}] = {raw_labels[first]}"
+        )
+    return np.array(raw_labels, dtype=np.uint8)
 
 
 def decode_label_names(payload: bytes, where: str) -> tuple[str, ...]:

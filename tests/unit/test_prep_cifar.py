@@ -262,6 +262,27 @@ class _RunsCode:
         return (os.getcwd, ())
 
 
+class _ArrayFromShape:
+    """Pickles as ``numpy.ndarray(shape, "u1")``: uninitialized memory of any size, no pixel data."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+    def __reduce__(self):
+        return (np.ndarray, (self.shape, "u1"))
+
+
+def _ndarray_called_directly(members):
+    batch = {b"data": _ArrayFromShape((40, 3072)), b"labels": [0] * 40}
+    return ("tar", {**members, "data_batch_1": pickle.dumps(batch, protocol=2)})
+
+
+def _pickle_of_appends(members):
+    """300,000 appends of 0 to one list: 900 KB that would build a list of any length."""
+    payload = b"\x80\x02}(U\x06labels](" + b"K\x00" * 300_000 + b"eu."
+    return ("tar", {**members, "data_batch_1": payload})
+
+
 def _truncated(members):
     data = FIXTURE.read_bytes()
     return ("archive", data[: len(data) // 2])
@@ -291,6 +312,13 @@ BAD_SOURCES: list[tuple[str, Callable[[dict[str, bytes]], tuple[str, object]], s
     ("wrong-data-dtype", lambda m: ("tar", edit_batch(m, "test_batch", lambda b: b.update({b"data": b[b"data"].astype(np.int16)}))), r"test_batch: 'data' must be a uint8 array, got int16 array"),
     ("label-count-mismatch", lambda m: ("tar", edit_batch(m, "data_batch_2", lambda b: b[b"labels"].pop())), r"data_batch_2: 'data' has shape \(40, 3072\), expected \(39, 3072\)"),
     ("labels-out-of-range", lambda m: ("tar", edit_batch(m, "data_batch_5", lambda b: b[b"labels"].__setitem__(3, 10))), r"data_batch_5: 1 label\(s\) outside 0-9, first labels\[3\] = 10"),
+    ("ndarray-called-directly", _ndarray_called_directly, r"data_batch_1: not a readable CIFAR-10 pickle .*refusing to call numpy\.ndarray\(\(40, 3072\), 'u1'\)"),
+    ("pickle-of-appends", _pickle_of_appends, r"data_batch_1: not a readable CIFAR-10 pickle .*more than 250000 opcodes"),
+    ("labels-too-many", lambda m: ("tar", edit_batch(m, "data_batch_2", lambda b: b.update({b"labels": [0] * 10_001}))), r"data_batch_2: 'labels' must be a list of 1 to 10000 integers, got a list of 10001"),
+    ("labels-empty", lambda m: ("tar", edit_batch(m, "data_batch_2", lambda b: b.update({b"labels": []}))), r"data_batch_2: 'labels' must be a list of 1 to 10000 integers, got a list of 0"),
+    ("labels-an-array", lambda m: ("tar", edit_batch(m, "data_batch_4", lambda b: b.update({b"labels": np.zeros(40, np.int64)}))), r"data_batch_4: 'labels' must be a list of 1 to 10000 integers, got ndarray"),
+    ("labels-bools", lambda m: ("tar", edit_batch(m, "test_batch", lambda b: b[b"labels"].__setitem__(7, True))), r"test_batch: 'labels' must hold integers, got labels\[7\] = True \(bool\)"),
+    ("labels-floats", lambda m: ("tar", edit_batch(m, "test_batch", lambda b: b[b"labels"].__setitem__(0, 1.0))), r"test_batch: 'labels' must hold integers, got labels\[0\] = 1\.0 \(float\)"),
     ("not-a-pickle", lambda m: ("tar", {**m, "data_batch_3": b"garbage"}), r"data_batch_3: not a readable CIFAR-10 pickle"),
     ("pickle-runs-code", lambda m: ("tar", {**m, "data_batch_1": pickle.dumps(_RunsCode(), protocol=2)}), r"data_batch_1: not a readable CIFAR-10 pickle .*refusing to load global .*getcwd"),
     ("bad-label-names", lambda m: ("tar", {**m, "batches.meta": pickle.dumps({b"label_names": [b"cat"] * 3}, protocol=2)}), r"batches\.meta: 'label_names' must be a list of 10 names"),
