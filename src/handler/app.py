@@ -44,7 +44,9 @@ def handle(event: Any, context: Any, services: Services | None = None) -> dict[s
             case protocol.StopEvent():
                 return runs.stop_run(parsed, services)
             case protocol.WatchdogEvent():
-                return watchdog.check_runs(services)
+                return watchdog.check_runs(
+                    services, run_id=parsed.run_id, stalled_after_s=parsed.stalled_after_s
+                )
             case protocol.FailureRecord():
                 return failures.handle_failure(parsed, services)
     except errors.TrainingError as exc:  # expected failures: one line, no traceback

@@ -231,7 +231,13 @@ def run_local(args: argparse.Namespace) -> int:
             f"run {run_id}: logs in {monitor.display_path(log_path)}, Lambda API at {local.lambda_endpoint_url}",
             file=sys.stderr,
         )
-        watcher = monitor.Monitor(run_id, coordination.StatusTable(local.table), local.function, log_path)
+        watcher = monitor.Monitor(
+            run_id,
+            coordination.StatusTable(local.table),
+            local.function,
+            log_path,
+            send_event=local.invoke_event,
+        )
         started = time.monotonic()
         local.invoke_event(event)
         outcome = watcher.watch(previous_run=local.checked)

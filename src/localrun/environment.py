@@ -37,6 +37,7 @@ def handler_environment(
     lambda_endpoint_url: str,
     dynamodb_endpoint_url: str,
     memory_mb: int,
+    timeout_s: float = config.DEFAULT_FUNCTION_TIMEOUT_S,
     log_level: str = "INFO",
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
@@ -57,6 +58,7 @@ def handler_environment(
         "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
         "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
         config.ENV_ONEDNN: config.TENSORFLOW_ENVIRONMENT[config.ENV_ONEDNN],
+        config.ENV_FUNCTION_TIMEOUT_S: f"{timeout_s:g}",
         "LOG_LEVEL": log_level,
         "PYTHONUNBUFFERED": "1",
     }

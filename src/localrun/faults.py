@@ -7,13 +7,15 @@ Asynchronous invocation is at-least-once and unordered, and a container can die 
     plan.duplicate(faults.where(workerno=1, round=0))           # delivered twice, concurrently
     plan.delay(faults.where(combine=True), seconds=2.0)         # held back for 2 s before it is delivered
     plan.kill(faults.where(workerno=2), after_s=0.5)            # its process is SIGKILLed 0.5 s in
+    plan.drop(faults.where(combine=True))                        # accepted (202) but never delivered
 
-Each fault applies to ``times`` matching deliveries (default 1; ``None`` = all). ``duplicate`` and ``delay``
-act on ``Event`` invocations when they are queued; ``kill`` acts on every delivery, including retries and
+Each fault applies to ``times`` matching deliveries (default 1; ``None`` = all). ``duplicate``, ``delay`` and
+``drop`` (an event lost for good, as one throttled past every retry is) act on ``Event`` invocations when they
+are queued; ``kill`` acts on every delivery, including retries and
 synchronous invocations. The same faults can be written as text for ``lambdatrain local --fault`` or the
 ``LOCALRUN_FAULTS`` variable (``;``-separated)::
 
-    kill:workerno=1,round=0        delay=2.5:combine=true        duplicate=1:workerno=0
+    kill:workerno=1,round=0        delay=2.5:combine=true        duplicate=1:workerno=0      drop:combine=true
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ ENV_FAULTS = "LOCALRUN_FAULTS"
 DUPLICATE = "duplicate"
 DELAY = "delay"
 KILL = "kill"
-ACTIONS = (DUPLICATE, DELAY, KILL)
+DROP = "drop"
+ACTIONS = (DUPLICATE, DELAY, KILL, DROP)
 
 Predicate = Callable[[Any], bool]
 
@@ -97,6 +100,10 @@ class FaultPlan:
     def kill(self, matches: Predicate, after_s: float = 0.0, times: int | None = 1) -> Fault:
         """SIGKILL the process running a matching invocation ``after_s`` after it started."""
         return self.add(Fault(KILL, matches, after_s, times))
+
+    def drop(self, matches: Predicate, times: int | None = 1) -> Fault:
+        """Accept matching events but never deliver them."""
+        return self.add(Fault(DROP, matches, 0.0, times))
 
     def take(self, action: str, event: Any) -> Fault | None:
         """The first unexhausted fault of ``action`` matching ``event``, counted as applied; else None."""

@@ -110,6 +110,8 @@ class LocalFunction:
         """``Event``: queue the event and return its request id at once."""
         request_id = str(uuid.uuid4())
         event = _decode(payload)
+        if self.faults.take(faults_module.DROP, event):
+            return request_id  # accepted, as Lambda's 202 says, and lost
         delay = self.faults.take(faults_module.DELAY, event)
         duplicate = self.faults.take(faults_module.DUPLICATE, event)
         due = time.monotonic() + (delay.seconds if delay else 0.0)

@@ -6,6 +6,10 @@ Every read or write of the status table that ``lambdatrain local`` makes is here
 
 Ctrl-C asks the run to stop after its current round (STOP_REQUESTED on the run item, what the stop event
 writes); a second Ctrl-C (or SIGTERM) stops at once.
+
+When nothing is queued or running but the run is still active (its events were lost), the monitor does what the
+cloud's watchdog schedule does, sooner, because here it knows that nothing is in flight: it sends the trainer's
+watchdog event for this run, which re-sends the round (or, once the re-sends are used up, fails the run).
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -58,6 +63,7 @@ class Monitor:
         status: coordination.StatusTable,
         local_function: function.LocalFunction,
         log_path: Path,
+        send_event: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.run_id = run_id
         self.status = status
@@ -67,6 +73,8 @@ class Monitor:
         self.last_error: str | None = None
         self.snapshot = progress.Snapshot(run_id, None)  # the last one read successfully
         self.watching = True
+        self.send_event = send_event  # how to send the watchdog event (None: only report a stall)
+        self.watchdog_calls = 0
         local_function.add_listener(self._on_invocation)
 
     def read(self) -> progress.Snapshot:
@@ -99,6 +107,8 @@ class Monitor:
                         # than queue a stop event behind the invocations that are keeping every slot busy.
                         self.status.request_stop(self.run_id)
                     idle_polls = idle_polls + 1 if self.function.in_flight == 0 else 0
+                    if idle_polls >= STALL_POLLS and self._ask_watchdog(snapshot):
+                        idle_polls = 0
                     if idle_polls >= STALL_POLLS:
                         state = snapshot.state or "not created"
                         cause = f"; last error: {self.last_error}" if self.last_error else ""
@@ -110,6 +120,21 @@ class Monitor:
             finally:
                 self.watching = False  # failures after this are the shutdown's own doing
                 self.bar.close()
+
+    def _ask_watchdog(self, snapshot: progress.Snapshot) -> bool:
+        """Nothing is in flight for an active run: send the watchdog event for it, at most one more time than
+        the watchdog re-sends (its last call fails the run). False when that is not possible any more."""
+        run = snapshot.run
+        if self.send_event is None or run is None or not run.active:
+            return False
+        if self.watchdog_calls > run.config.max_attempts:
+            return False
+        self.watchdog_calls += 1
+        self.bar.write(
+            f"nothing is queued or running for active run {self.run_id}: sending the watchdog event"
+        )
+        self.send_event({"watchdog": True, "run": self.run_id, "stalled_after_s": 0})
+        return True
 
     def _on_invocation(self, completed: function.CompletedInvocation) -> None:
         if completed.result.ok or not self.watching:

@@ -131,6 +131,7 @@ class LocalRuntime:
             lambda_endpoint_url=self.lambda_endpoint_url,
             dynamodb_endpoint_url=self.dynamodb_endpoint_url,
             memory_mb=declared.memory_mb,
+            timeout_s=declared.timeout_s,
             log_level=self.log_level,
             extra=declared.environment,
         )

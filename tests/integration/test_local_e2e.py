@@ -81,3 +81,32 @@ def test_local_run_recovers_from_a_killed_worker_through_its_failure_record(
     assert "run hurt: SUCCEEDED" in out
     log_text = (state_dir / "logs" / "hurt.log").read_text()
     assert '"message": "failed_event_redispatched"' in log_text  # the trainer got the SQS-wrapped record
+
+
+@pytest.mark.slow
+def test_local_run_whose_combine_event_is_lost_is_revived_by_the_watchdog(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state_dir = tmp_path / "state"
+    lose_combine = ["--fault", "drop:combine=true,round=0"]  # accepted, never delivered
+
+    code = cli.main(
+        [
+            "local",
+            "--state-dir",
+            str(state_dir),
+            "--source",
+            str(FIXTURE),
+            "--run",
+            "lost",
+            *TINY_RUN,
+            *lose_combine,
+        ]
+    )
+
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "nothing is queued or running for active run lost: sending the watchdog event" in err
+    assert "run lost: SUCCEEDED" in out
+    log_text = (state_dir / "logs" / "lost.log").read_text()
+    assert '"message": "round_resent"' in log_text and '"generation": 2' in log_text

@@ -387,3 +387,31 @@ def test_random_delivery_schedules_end_every_run_correctly(
             kept = [(kind, round_index) for kind, round_index, _, _ in harness.layout.round_files(run_id)]
             assert all(round_index >= run.round_index - 1 for _, round_index in kept), (kept, story)
     assert outcomes[:8] == ["SUCCEEDED"] * 8 and "FAILED" in outcomes[8:], outcomes
+
+
+def test_the_local_watchdog_event_names_one_run_and_the_silence_that_counts(harness: Harness) -> None:
+    harness.invoke(start_event("a", workers=1))
+    harness.invoke(start_event("b", workers=1))
+    harness.invoker.queue.clear()  # both runs lost their events
+    result = harness.invoke({"watchdog": True, "run": "a", "stalled_after_s": 0})
+    assert result["actions"] == {"a": "resent"}
+    assert harness.run("a").generation == 2 and harness.run("b").generation == 1
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"watchdog": True, "stalled_after_s": -1},
+        {"watchdog": True, "stalled_after_s": True},
+        {"watchdog": True, "run": "../x"},
+        {"watchdog": False},
+        {"watchdog": True, "extra": 1},
+    ],
+    ids=["negative", "boolean", "hostile-run", "false", "unknown-key"],
+)
+def test_a_malformed_watchdog_event_is_refused_and_changes_nothing(harness: Harness, event) -> None:
+    harness.invoke(start_event(workers=1))
+    before = harness.run("t1")
+    with pytest.raises(InvalidEventError):
+        harness.invoke(event)
+    assert harness.run("t1") == before

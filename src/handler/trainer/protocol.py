@@ -13,7 +13,9 @@ start (S3)          an ``ObjectCreated`` notification for ``start/<name>.json``;
 worker              ``{"workerno": 3, "workers": 6, "epochsdone": 7, "run": "exp1", "round": 12, "generation": 1}``
 combine             ``{"combine": true, "workers": 6, "epochsdone": 7, "run": "exp1", "round": 12, "generation": 1}``
 stop                ``{"stop": true, "run": "exp1"}`` - finish the current round, then state STOPPED
-watchdog            ``{"watchdog": true}`` - the schedule's check for runs whose events were all lost
+watchdog            ``{"watchdog": true}`` - the schedule's check for runs whose events were all lost; ``run`` limits
+                    it to one run and ``stalled_after_s`` overrides the silence that counts as stalled (what
+                    ``lambdatrain local`` sends when it knows that nothing is queued or running)
 failure record      what a Lambda ``OnFailure`` destination delivers for a failed event, directly or (as deployed)
                     as the body of the one SQS message of an ``aws:sqs`` event
 ==================  ===========================================================================================
@@ -120,6 +122,9 @@ class StopEvent:
 class WatchdogEvent:
     """The scheduled check: re-send the current round of runs with no progress, or fail them."""
 
+    run_id: str | None = None  # only this run (default: every active run)
+    stalled_after_s: float | None = None  # default: from the function's timeout
+
 
 @dataclass(frozen=True)
 class FailureRecord:
@@ -168,9 +173,19 @@ def parse_event(raw: Any) -> Event:
             run_id=check_name("run", raw["run"]), attempt=_int(raw, "attempt", 1, 100, default=1)
         )
     if "watchdog" in raw:
-        _expect_keys(raw, required={"watchdog"}, optional=set())
+        _expect_keys(raw, required={"watchdog"}, optional={"run", "stalled_after_s"})
         _require_true(raw, "watchdog")
-        return WatchdogEvent()
+        stalled_after_s = raw.get("stalled_after_s")
+        if stalled_after_s is not None and (
+            isinstance(stalled_after_s, bool)
+            or not isinstance(stalled_after_s, int | float)
+            or not 0 <= stalled_after_s <= 86_400
+        ):
+            raise InvalidEventError(
+                f"stalled_after_s must be a number of seconds from 0 to 86400, got {stalled_after_s!r}"
+            )
+        run_id = check_name("run", raw["run"]) if "run" in raw else None
+        return WatchdogEvent(run_id=run_id, stalled_after_s=stalled_after_s)
     raise InvalidEventError(
         f"unrecognised event with keys {sorted(raw)}; expected one of 'start', 'workerno', 'combine', 'stop', "
         "'watchdog', "

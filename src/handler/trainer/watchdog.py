@@ -25,22 +25,30 @@ from trainer.services import Services
 log = logging.getLogger(__name__)
 
 
-def check_runs(services: Services, now: dt.datetime | None = None) -> dict[str, Any]:
-    """Look at every active run once; returns what was done to which run."""
+def check_runs(
+    services: Services,
+    now: dt.datetime | None = None,
+    run_id: str | None = None,
+    stalled_after_s: float | None = None,
+) -> dict[str, Any]:
+    """Look at every active run (or only ``run_id``) once; returns what was done to which run."""
     now = now or dt.datetime.now(dt.UTC)
+    bound_s = services.environment.stalled_after_s if stalled_after_s is None else stalled_after_s
     actions: dict[str, str] = {}
-    for run_id in services.status.list_active_run_ids():
+    for candidate in [run_id] if run_id else services.status.list_active_run_ids():
         try:
-            run = services.status.get_run(run_id)
+            run = services.status.get_run(candidate)
         except LayoutError as exc:  # an item this version cannot read: say so, never guess
-            logs.event(log, "watchdog_unreadable_run", level=logging.WARNING, run_id=run_id, error=str(exc))
+            logs.event(
+                log, "watchdog_unreadable_run", level=logging.WARNING, run_id=candidate, error=str(exc)
+            )
             continue
         if run is None or not run.active:
             continue
         progress = run.last_progress_at
         silent_s = (now - progress).total_seconds() if progress else float("inf")
-        if silent_s >= services.environment.stalled_after_s:
-            actions[run_id] = _revive(run, silent_s, services)
+        if silent_s >= bound_s:
+            actions[run.run_id] = _revive(run, silent_s, services)
     logs.event(log, "watchdog_checked", stalled=len(actions), **({"actions": actions} if actions else {}))
     return {"status": "checked", "actions": actions}
 
