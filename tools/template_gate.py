@@ -65,6 +65,34 @@ ALLOWED_MANAGED_POLICIES = {
     "AWSLambdaBasicExecutionRole",  # logs
     "AWSLambdaVPCAccessExecutionRole",  # the function's ENIs in the VPC
 }
+# EC2's character sets (CreateSecurityGroup, and IpRange/UserIdGroupPair descriptions of rules): anything
+# else fails at deploy time with InvalidParameterValue and rolls the stack back; no linter checks it.
+# Rule descriptions do not allow "&" (the API reference lists it for group descriptions only).
+GROUP_DESCRIPTION_PATTERN = re.compile(r"^[a-zA-Z0-9 ._\-:/()#,@\[\]+=&;{}!$*]*$")
+RULE_DESCRIPTION_PATTERN = re.compile(r"^[a-zA-Z0-9 ._\-:/()#,@\[\]+=;{}!$*]*$")
+EC2_DESCRIPTION_MAX_CHARS = 255
+# Lambda's rule for SQS event sources: the queue's visibility timeout is at least six times the function's.
+SQS_VISIBILITY_FACTOR = 6
+# Actions with no resource type: IAM accepts only Resource "*" for them.
+RESOURCELESS_ACTIONS = frozenset({"lambda:GetAccountSettings"})
+# The DynamoDB Table methods the trainer may call, and the IAM action each needs.
+DYNAMODB_ACTIONS = {
+    "get_item": "dynamodb:GetItem",
+    "put_item": "dynamodb:PutItem",
+    "update_item": "dynamodb:UpdateItem",
+    "delete_item": "dynamodb:DeleteItem",
+    "query": "dynamodb:Query",
+    "scan": "dynamodb:Scan",
+    "batch_get_item": "dynamodb:BatchGetItem",
+    "batch_write_item": "dynamodb:BatchWriteItem",
+    "transact_get_items": "dynamodb:GetItem",
+    "transact_write_items": "dynamodb:PutItem",
+    "describe_table": "dynamodb:DescribeTable",
+}
+# Variables `make image-test` overrides with `sam local invoke --env-vars`: SAM passes only declared ones.
+# The endpoint variables are declared empty, so in the cloud boto3 uses AWS's endpoints.
+LOCAL_OVERRIDE_ENV = ("EFS_ROOT", "STATUS_TABLE", "AWS_ENDPOINT_URL_DYNAMODB", "AWS_ENDPOINT_URL_LAMBDA")
+EMPTY_IN_THE_CLOUD_ENV = ("AWS_ENDPOINT_URL_DYNAMODB", "AWS_ENDPOINT_URL_LAMBDA")
 REQUIRED_OUTPUTS = (
     "BucketName",
     "StatusTableName",
@@ -215,26 +243,40 @@ def _tail(text: str, lines: int = 5) -> str:
 
 
 def step_sam(gate: Gate) -> Iterator[str]:
-    result = run_tool(
-        [find_tool("sam"), "validate", "--region", REGION, "--template", str(gate.template_path)]
-    )
-    if result.returncode != 0:
-        yield f"sam validate: {_tail(result.stderr + result.stdout)}"
+    # Plain `sam validate` runs the SAM translator; `--lint` runs cfn-lint's SAM schema instead (it rejects
+    # properties the translator accepts, e.g. FileSystemConfigs in Globals). Users run both; so does the gate.
+    for extra in ([], ["--lint"]):
+        command = [
+            find_tool("sam"),
+            "validate",
+            *extra,
+            "--region",
+            REGION,
+            "--template",
+            str(gate.template_path),
+        ]
+        result = run_tool(command)
+        if result.returncode != 0:
+            yield f"{' '.join(['sam validate', *extra])}: {_tail(result.stderr + result.stdout)}"
 
 
 def step_cfnlint(gate: Gate) -> Iterator[str]:
-    result = run_tool([find_tool("cfn-lint"), "--format", "json", "--", str(gate.translated_path)])
-    if result.returncode == 0:
-        return
-    try:
-        matches = json.loads(result.stdout)
-    except json.JSONDecodeError:
-        yield f"cfn-lint exited {result.returncode}: {_tail(result.stderr + result.stdout)}"
-        return
-    for match in matches:
-        location = ".".join(str(part) for part in match.get("Location", {}).get("Path", [])) or "template"
-        rule = match.get("Rule", {}).get("Id", "?")
-        yield f"{rule} {location}: {match.get('Message', '').strip()}"
+    # The translated template (cycles, property ranges after SAM's expansion) and the template as written
+    # (what a user's plain `cfn-lint template.yaml` reports).
+    for label, path in (("translated", gate.translated_path), ("template", gate.template_path)):
+        result = run_tool([find_tool("cfn-lint"), "--format", "json", "--", str(path)])
+        if result.returncode == 0:
+            continue
+        try:
+            matches = json.loads(result.stdout)
+        except json.JSONDecodeError:
+            yield f"cfn-lint ({label}) exited {result.returncode}: {_tail(result.stderr + result.stdout)}"
+            continue
+        for match in matches:
+            location = ".".join(str(part) for part in match.get("Location", {}).get("Path", [])) or "template"
+            rule = match.get("Rule", {}).get("Id", "?")
+            suffix = "" if label == "translated" else " (template)"
+            yield f"{rule} {location}{suffix}: {match.get('Message', '').strip()}"
 
 
 def step_checkov(gate: Gate) -> Iterator[str]:
@@ -675,7 +717,10 @@ def assert_least_privilege(gate: Gate) -> Iterator[str]:
                 if isinstance(action, str) and (action == "*" or action.endswith(":*")):
                     yield f"{where}: wildcard action {action!r}; grant the actions the function uses"
             resources = statement.get("Resource", [])
-            if "*" in ([resources] if isinstance(resources, str) else resources):
+            action_list = [actions] if isinstance(actions, str) else actions
+            if "*" in ([resources] if isinstance(resources, str) else resources) and not (
+                action_list and set(action_list) <= RESOURCELESS_ACTIONS
+            ):
                 yield f"{where}: Resource '*'; name the resources the function uses"
     for logical_id, resource in _resources(gate.translated, "AWS::IAM::Role"):
         for arn in resource.get("Properties", {}).get("ManagedPolicyArns", []):
@@ -746,12 +791,181 @@ def assert_image(gate: Gate) -> Iterator[str]:
             yield f"{logical_id}: CodeUri {code_uri!r} is not a directory next to the template"
 
 
+def _description_failures(
+    owner: str, key: str, value: Any, pattern: re.Pattern[str], allowed: str
+) -> Iterator[str]:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        yield f"{owner}: {key} is {json.dumps(value)}; write it as a literal string so it can be checked"
+        return
+    bad = sorted({character for character in value if not pattern.match(character)})
+    if bad:
+        yield f"{owner}: {key} {value!r} contains {bad}; EC2 allows only a-z A-Z 0-9 spaces and {allowed} (InvalidParameterValue)"
+    if len(value) > EC2_DESCRIPTION_MAX_CHARS:
+        yield f"{owner}: {key} is {len(value)} characters; EC2 allows {EC2_DESCRIPTION_MAX_CHARS}"
+
+
+def assert_security_group_descriptions(gate: Gate) -> Iterator[str]:
+    group_allowed, rule_allowed = "._-:/()#,@[]+=&;{}!$*", "._-:/()#,@[]+=;{}!$*"
+    for logical_id, resource in _resources(gate.translated, "AWS::EC2::SecurityGroup"):
+        properties = resource.get("Properties", {})
+        yield from _description_failures(
+            logical_id,
+            "GroupDescription",
+            properties.get("GroupDescription"),
+            GROUP_DESCRIPTION_PATTERN,
+            group_allowed,
+        )
+        for direction in ("SecurityGroupIngress", "SecurityGroupEgress"):
+            for index, rule in enumerate(properties.get(direction) or []):
+                yield from _description_failures(
+                    f"{logical_id}.{direction}[{index}]", "Description", rule.get("Description"),
+                    RULE_DESCRIPTION_PATTERN, rule_allowed,
+                )  # fmt: skip
+    for type_name in ("AWS::EC2::SecurityGroupIngress", "AWS::EC2::SecurityGroupEgress"):
+        for logical_id, resource in _resources(gate.translated, type_name):
+            yield from _description_failures(
+                logical_id, "Description", resource.get("Properties", {}).get("Description"),
+                RULE_DESCRIPTION_PATTERN, rule_allowed,
+            )  # fmt: skip
+
+
+def _role_statements(template: Mapping[str, Any], role_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(owner, statement) for every Allow statement attached to the role, inline or as a separate policy."""
+    documents = [
+        (f"{role_id}/{policy.get('PolicyName')}", policy.get("PolicyDocument", {}))
+        for policy in template["Resources"].get(role_id, {}).get("Properties", {}).get("Policies", [])
+    ]
+    for type_name in ("AWS::IAM::Policy", "AWS::IAM::RolePolicy"):
+        for logical_id, resource in _resources(template, type_name):
+            properties = resource.get("Properties", {})
+            roles = [properties.get("RoleName"), *(properties.get("Roles") or [])]
+            if any(_ref(role) == role_id for role in roles):
+                documents.append((logical_id, properties.get("PolicyDocument", {})))
+    for owner, document in documents:
+        statements = document.get("Statement", [])
+        for statement in [statements] if isinstance(statements, dict) else statements:
+            if statement.get("Effect") == "Allow":
+                yield owner, statement
+
+
+def _actions(statement: Mapping[str, Any]) -> list[str]:
+    actions = statement.get("Action", [])
+    return [actions] if isinstance(actions, str) else list(actions)
+
+
+def dynamodb_actions_called(source_dir: Path) -> set[str]:
+    """The IAM actions for every DynamoDB Table method named in the trainer's code (called, or passed by name)."""
+    text = "\n".join(path.read_text() for path in sorted(source_dir.glob("*.py")))
+    return {
+        action
+        for method, action in DYNAMODB_ACTIONS.items()
+        if re.search(rf"\.{method}\(|[\"']{method}[\"']", text)
+    }
+
+
+def assert_trainer_permissions(gate: Gate) -> Iterator[str]:
+    template = gate.translated
+    trainer = template["Resources"].get(gate.trainer_id, {})
+    role_id = _ref(trainer.get("Properties", {}).get("Role"))
+    if role_id is None:
+        yield f"{gate.trainer_id}: no role from this template; cannot check its permissions"
+        return
+    statements = list(_role_statements(template, role_id))
+    granted = {action for _, statement in statements for action in _actions(statement)}
+    source_dir = gate.project_dir / "src" / "handler" / "trainer"
+    if source_dir.is_dir():
+        needed = dynamodb_actions_called(source_dir)
+        dynamodb_granted = {action for action in granted if action.startswith("dynamodb:")}
+        if dynamodb_granted != needed:
+            yield (
+                f"{role_id}: grants DynamoDB actions {sorted(dynamodb_granted)}; the trainer calls exactly "
+                f"{sorted(needed)} (grant those, not a CRUD policy)"
+            )
+    if "lambda:GetAccountSettings" not in granted:
+        yield f"{role_id}: lacks lambda:GetAccountSettings; trainer.quotas reads the concurrency quota at start"
+    for owner, statement in statements:
+        actions = _actions(statement)
+        if "s3:PutObject" in actions and "s3:AbortMultipartUpload" not in actions:
+            yield (
+                f"{owner} statement {statement.get('Sid', '?')}: grants s3:PutObject without s3:AbortMultipartUpload; "
+                "upload_file uploads large files in parts and must be able to abort them"
+            )
+
+
+def _number(value: Any, parameters: Mapping[str, Any]) -> int | None:
+    name = _ref(value)
+    if isinstance(value, dict) and name in parameters:
+        value = parameters[name].get("Default")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def assert_queue_visibility(gate: Gate) -> Iterator[str]:
+    template = gate.translated
+    parameters = template.get("Parameters", {})
+    for logical_id, mapping in _resources(template, "AWS::Lambda::EventSourceMapping"):
+        properties = mapping.get("Properties", {})
+        queue_id, function_id = _ref(properties.get("EventSourceArn")), _ref(properties.get("FunctionName"))
+        queue = template["Resources"].get(queue_id or "", {})
+        function = template["Resources"].get(function_id or "", {})
+        if queue.get("Type") != "AWS::SQS::Queue" or function.get("Type") != "AWS::Lambda::Function":
+            continue
+        timeout_s = _number(function.get("Properties", {}).get("Timeout", 3), parameters)
+        visibility_s = _number(queue.get("Properties", {}).get("VisibilityTimeout", 30), parameters)
+        if (
+            timeout_s is not None
+            and visibility_s is not None
+            and visibility_s < SQS_VISIBILITY_FACTOR * timeout_s
+        ):
+            yield (
+                f"{queue_id}: VisibilityTimeout is {visibility_s} s; {logical_id} feeds it to {function_id} "
+                f"(timeout {timeout_s} s) and AWS requires at least {SQS_VISIBILITY_FACTOR} x {timeout_s} = "
+                f"{SQS_VISIBILITY_FACTOR * timeout_s} s"
+            )
+
+
+def assert_logging(gate: Gate) -> Iterator[str]:
+    for logical_id, resource in _lambda_functions(gate.translated):
+        properties = resource.get("Properties", {})
+        if properties.get("PackageType") == "Image":
+            continue  # the trainer writes its own JSON lines (trainer.logs)
+        log_format = properties.get("LoggingConfig", {}).get("LogFormat")
+        if log_format != "JSON":
+            yield (
+                f"{logical_id}: LoggingConfig.LogFormat is {log_format!r}; expected JSON (in Text, the runtime "
+                "drops the fields passed with extra= and CloudWatch gets the message only)"
+            )
+
+
+def assert_local_overrides_declared(gate: Gate) -> Iterator[str]:
+    trainer = gate.translated["Resources"].get(gate.trainer_id, {})
+    variables = trainer.get("Properties", {}).get("Environment", {}).get("Variables", {})
+    for name in LOCAL_OVERRIDE_ENV:
+        if name not in variables:
+            yield (
+                f"{gate.trainer_id}: environment variable {name} is not declared; `sam local invoke --env-vars` "
+                "(make image-test) can override only declared variables"
+            )
+    for name in EMPTY_IN_THE_CLOUD_ENV:
+        if variables.get(name, "") != "":
+            yield f"{gate.trainer_id}: {name} is {variables[name]!r}; expected '' (deployed functions use AWS's endpoints)"
+
+
 ASSERTIONS: tuple[Callable[[Gate], Iterator[str]], ...] = (
     assert_lambda_limits,
     assert_file_systems,
     assert_nfs_ingress,
+    assert_security_group_descriptions,
     assert_event_invoke_configs,
+    assert_queue_visibility,
     assert_trainer,
+    assert_trainer_permissions,
+    assert_local_overrides_declared,
+    assert_logging,
     assert_status_table,
     assert_retained,
     assert_least_privilege,
