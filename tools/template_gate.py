@@ -91,8 +91,8 @@ DYNAMODB_ACTIONS = {
 }
 # Variables `make image-test` overrides with `sam local invoke --env-vars`: SAM passes only declared ones.
 # The endpoint variables are declared empty, so in the cloud boto3 uses AWS's endpoints.
-LOCAL_OVERRIDE_ENV = ("EFS_ROOT", "STATUS_TABLE", "AWS_ENDPOINT_URL_DYNAMODB", "AWS_ENDPOINT_URL_LAMBDA")
-EMPTY_IN_THE_CLOUD_ENV = ("AWS_ENDPOINT_URL_DYNAMODB", "AWS_ENDPOINT_URL_LAMBDA")
+EMPTY_IN_THE_CLOUD_ENV = ("AWS_ENDPOINT_URL_DYNAMODB", "AWS_ENDPOINT_URL_LAMBDA", "AWS_ENDPOINT_URL_S3")
+LOCAL_OVERRIDE_ENV = ("EFS_ROOT", "STATUS_TABLE", *EMPTY_IN_THE_CLOUD_ENV)
 REQUIRED_OUTPUTS = (
     "BucketName",
     "StatusTableName",

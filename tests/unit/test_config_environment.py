@@ -35,6 +35,7 @@ def test_template_declares_the_endpoint_variables_empty():
 
     assert environ["AWS_ENDPOINT_URL_DYNAMODB"] == ""
     assert environ["AWS_ENDPOINT_URL_LAMBDA"] == ""
+    assert environ["AWS_ENDPOINT_URL_S3"] == ""
 
 
 @pytest.mark.parametrize("service", ["dynamodb", "lambda", "s3"])
