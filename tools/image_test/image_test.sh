@@ -36,7 +36,7 @@ mkdir -p "$ROOT/.local"
   || { tail -20 "$ROOT/.local/image-test-build.log" >&2; echo "image-test: error: sam build failed" >&2; exit 1; }
 step "sam build TrainerFunction ($(docker image inspect --format '{{.Size}}' trainerfunction:python3.12-v1 | awk '{printf "%.2f GB", $1/1e9}'))"
 
-"$PY" -u "$ROOT/tools/image_test/run.py" --sam "$SAM" "$@" | grep -v '^{"level"'
+"$PY" -u "$ROOT/tools/image_test/run.py" --sam "$SAM" "$@" | grep --line-buffered -v '^{"level"'
 result=${PIPESTATUS[0]}
 step "done"
 exit "$result"

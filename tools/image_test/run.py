@@ -207,9 +207,19 @@ def bridge_gateway() -> str:
         check=False,
     )
     gateway = result.stdout.strip()
-    if result.returncode != 0 or not gateway:
-        raise ImageTestError(f"cannot read the default bridge's gateway: {result.stderr.strip()}")
-    return gateway
+    if result.returncode == 0 and gateway:
+        return gateway
+    # A fresh data root's bridge has no Gateway in its IPAM config: take docker0's own address.
+    link = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show", "docker0"], capture_output=True, text=True, check=False
+    )
+    fields = link.stdout.split()
+    if link.returncode == 0 and "inet" in fields:
+        return fields[fields.index("inet") + 1].split("/")[0]
+    raise ImageTestError(
+        f"cannot find the default bridge's gateway (docker network inspect: {result.stderr.strip() or 'no Gateway'}; "
+        f"ip addr show docker0: {link.stderr.strip() or 'no inet address'})"
+    )
 
 
 def built_image(build_dir: Path) -> str:
@@ -320,7 +330,14 @@ def selected(only: Path | None) -> tuple[Expectation, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = main_parser().parse_args(argv)
+    try:
+        return run(main_parser().parse_args(argv))
+    except ImageTestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         expectations = selected(args.only)
