@@ -35,7 +35,7 @@ start() {
     say "using the private engine already running at $SOCKET"; echo "export DOCKER_HOST=unix://$SOCKET"; return
   fi
   if [ "$(id -u)" -ne 0 ]; then
-    say "skip: no Docker engine answers and starting one needs root"; return 3
+    say "skip: no Docker engine answers and starting one needs root (make image-test skipped)"; return 3
   fi
   if ! command -v dockerd >/dev/null; then
     say "installing Debian's docker.io (apt-get install docker.io)"
