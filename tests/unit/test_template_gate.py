@@ -77,8 +77,8 @@ BROKEN_ASSERTIONS = [
         id="memory-parameter-max-20000",
     ),
     pytest.param(
-        "        LocalMountPath: /mnt/efs\n",
-        "        LocalMountPath: /efs\n",
+        "          LocalMountPath: /mnt/efs\n      ReservedConcurrentExecutions",
+        "          LocalMountPath: /efs\n      ReservedConcurrentExecutions",
         "TrainerFunction: LocalMountPath '/efs' must be /mnt/<name>",
         id="mount-path-outside-mnt",
     ),
@@ -143,6 +143,89 @@ BROKEN_ASSERTIONS = [
         id="parameter-without-constraint-description",
     ),
     pytest.param(
+        "        - Description: NFS from the functions security group only\n",
+        "        - Description: NFS from the functions' security group\n",
+        'EfsSecurityGroup.SecurityGroupIngress[0]: Description "NFS from the functions\' security group" contains ["\'"]',
+        id="apostrophe-in-inline-rule-description",
+    ),
+    pytest.param(
+        "      Description: NFS to the EFS mount targets\n",
+        "      Description: NFS to the EFS mount targets & back\n",
+        "FunctionToEfsEgress: Description 'NFS to the EFS mount targets & back' contains ['&']",
+        id="ampersand-in-separate-rule-description",
+    ),
+    pytest.param(
+        "      GroupDescription: EFS mount targets - NFS from the lambdatrain functions only\n",
+        "      GroupDescription: EFS mount targets \u2014 NFS from the lambdatrain functions only\n",
+        "EfsSecurityGroup: GroupDescription 'EFS mount targets \u2014 NFS from the lambdatrain functions only' contains ['\u2014']",
+        id="dash-in-group-description",
+    ),
+    pytest.param(
+        "      GroupDescription: HTTPS to the Lambda API endpoint from the functions only\n",
+        "      GroupDescription: HTTPS to the Lambda API endpoint from the functions only"
+        + " x" * 100
+        + "\n",
+        "LambdaEndpointSecurityGroup: GroupDescription is 256 characters; EC2 allows 255",
+        id="group-description-too-long",
+    ),
+    pytest.param(
+        "      VisibilityTimeout: 5400\n",
+        "      VisibilityTimeout: 960\n",
+        "FailureQueue: VisibilityTimeout is 960 s; FailureRecordMapping feeds it to TrainerFunction (timeout 900 s) "
+        "and AWS requires at least 6 x 900 = 5400 s",
+        id="visibility-timeout-below-6x",
+    ),
+    pytest.param(
+        "                - dynamodb:Query\n",
+        "                - dynamodb:Query\n                - dynamodb:DeleteItem\n",
+        "grants DynamoDB actions ['dynamodb:DeleteItem', 'dynamodb:GetItem', 'dynamodb:PutItem', 'dynamodb:Query', "
+        "'dynamodb:UpdateItem']; the trainer calls exactly",
+        id="dynamodb-action-the-trainer-never-calls",
+    ),
+    pytest.param(
+        "                - dynamodb:UpdateItem\n",
+        "",
+        "the trainer calls exactly ['dynamodb:GetItem', 'dynamodb:PutItem', 'dynamodb:Query', 'dynamodb:UpdateItem']",
+        id="dynamodb-action-missing",
+    ),
+    pytest.param(
+        "              - s3:AbortMultipartUpload\n",
+        "",
+        "statement WriteModels: grants s3:PutObject without s3:AbortMultipartUpload",
+        id="multipart-upload-cannot-abort",
+    ),
+    pytest.param(
+        "        - Statement:\n            - Sid: ReadConcurrencyQuota\n              Effect: Allow\n"
+        '              Action: lambda:GetAccountSettings\n              Resource: "*"\n',
+        "",
+        "lacks lambda:GetAccountSettings",
+        id="no-quota-read-permission",
+    ),
+    pytest.param(
+        "              Action: lambda:GetAccountSettings\n",
+        "              Action: [lambda:GetAccountSettings, lambda:ListFunctions]\n",
+        "statement ReadConcurrencyQuota: Resource '*'; name the resources",
+        id="resource-star-beyond-resourceless-actions",
+    ),
+    pytest.param(
+        "        LogGroup: !Ref StagingLogGroup\n        LogFormat: JSON\n",
+        "        LogGroup: !Ref StagingLogGroup\n",
+        "StagingFunction: LoggingConfig.LogFormat is None; expected JSON",
+        id="staging-logs-text",
+    ),
+    pytest.param(
+        '          AWS_ENDPOINT_URL_LAMBDA: ""\n',
+        "",
+        "TrainerFunction: environment variable AWS_ENDPOINT_URL_LAMBDA is not declared",
+        id="local-override-undeclared",
+    ),
+    pytest.param(
+        '          AWS_ENDPOINT_URL_DYNAMODB: ""\n',
+        '          AWS_ENDPOINT_URL_DYNAMODB: "http://127.0.0.1:8000"\n',
+        "TrainerFunction: AWS_ENDPOINT_URL_DYNAMODB is 'http://127.0.0.1:8000'; expected ''",
+        id="endpoint-set-in-the-cloud",
+    ),
+    pytest.param(
         "            comment: Access logging needs a second bucket; CloudTrail data events cover audits where required.\n",
         "",
         "DatasetBucket: checkov skip {'id': 'CKV_AWS_18'} has no comment",
@@ -184,6 +267,42 @@ def test_bucket_named_in_the_trainer_policies_is_a_cycle_cfn_lint_catches(tmp_pa
     assert status == 1
     assert "FAIL cfnlint: E3004" in output, output
     assert "Circular Dependencies" in output
+
+
+def test_file_system_configs_in_globals_fail_sam_validate_lint_and_plain_cfn_lint(tmp_path, capsys):
+    # The SAM translator accepts FileSystemConfigs in Globals; cfn-lint's SAM schema does not (E3724), so
+    # `sam validate --lint` and `cfn-lint template.yaml` fail while plain `sam validate` passes.
+    text = TEMPLATE.read_text()
+    mount = (
+        "      # Per function, not in Globals: cfn-lint's SAM schema (sam validate --lint) rejects it there (E3724).\n"
+        "      FileSystemConfigs:\n        - Arn: !GetAtt AccessPoint.Arn\n          LocalMountPath: /mnt/efs\n"
+    )
+    assert text.count(mount) == 2
+    text = text.replace(mount, "").replace(
+        "    Environment:\n      Variables:\n        EFS_ROOT: /mnt/efs\n",
+        "    FileSystemConfigs:\n      - Arn: !GetAtt AccessPoint.Arn\n        LocalMountPath: /mnt/efs\n"
+        "    Environment:\n      Variables:\n        EFS_ROOT: /mnt/efs\n",
+    )
+    template = make_project(tmp_path, text)
+
+    status, output = run_gate(capsys, template, "--only", "sam,cfnlint")
+
+    assert status == 1
+    assert "FAIL sam: sam validate --lint:" in output, output
+    assert "E3724" in output
+    assert "FAIL sam: sam validate:" not in output
+    assert "FAIL cfnlint: E3724" in output and "(template)" in output
+
+
+def test_trainer_dynamodb_actions_are_read_from_its_code(tmp_path):
+    trainer = tmp_path / "trainer"
+    trainer.mkdir()
+    (trainer / "a.py").write_text("table.get_item(Key=k)\nself._conditional('update_item', **kwargs)\n")
+    (trainer / "b.py").write_text("page = self.table.query(**kwargs)\n# a scan would be slow\n")
+
+    actions = template_gate.dynamodb_actions_called(trainer)
+
+    assert actions == {"dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:Query"}
 
 
 def test_invalid_sam_property_fails_sam_validate(tmp_path, capsys):
@@ -231,6 +350,41 @@ def test_broken_dockerfile_fails_hadolint_and_the_image_contract(tmp_path, capsy
     assert "is not public.ecr.aws/lambda/python:3.12 or :3.13" in output
     assert "CMD is ['main.handler']" in output
     assert "does not set ENV TF_ENABLE_ONEDNN_OPTS=1" in output
+
+
+@pytest.mark.parametrize(
+    ("requirements_in", "requirements_txt", "expected"),
+    [
+        pytest.param(False, None, "no requirements.in next to it", id="no-input-file"),
+        pytest.param(
+            True, "numpy==2.4.6\nurllib3==1.26.20\n", "not generated by `make lock`", id="edited-by-hand"
+        ),
+    ],
+)
+def test_image_requirements_must_come_from_make_lock(
+    tmp_path, capsys, requirements_in, requirements_txt, expected
+):
+    handler = tmp_path / "src" / "handler"
+    shutil.copytree(REPO_ROOT / "src" / "handler", handler, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "src" / "prep").mkdir()
+    if not requirements_in:
+        (handler / "requirements.in").unlink()
+    if requirements_txt is not None:
+        (handler / "requirements.txt").write_text(requirements_txt)
+    template = tmp_path / "template.yaml"
+    template.write_text(TEMPLATE.read_text())
+
+    status, output = run_gate(capsys, template, "--only", "asserts")
+
+    assert status == 1
+    assert f"FAIL asserts: requirements.txt: {expected}" in output, output
+
+
+def test_lock_header_is_what_the_lock_tool_writes():
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import lock_requirements
+
+    assert lock_requirements.render([("numpy", "2.4.6")]).startswith(template_gate.LOCK_HEADER)
 
 
 def test_unpinned_requirement_fails_the_pip_step_before_resolving(tmp_path, capsys):

@@ -82,7 +82,9 @@ def set_tensorflow_defaults(environ: MutableMapping[str, str] | None = None) -> 
 
 def load(environ: Mapping[str, str] | None = None) -> Environment:
     """Read the environment once per invocation; a missing required variable is a deployment error."""
-    environ = os.environ if environ is None else environ
+    # An empty value counts as unset: the template declares variables empty so `sam local invoke --env-vars`
+    # may override them, and Lambda passes the empty strings through.
+    environ = {name: value for name, value in (os.environ if environ is None else environ).items() if value}
     table = environ.get(ENV_STATUS_TABLE, "")
     if not table:
         raise ConfigurationError(
