@@ -44,6 +44,7 @@ sys.path[:0] = [str(REPO_ROOT / "src" / "handler"), str(REPO_ROOT / "src")]
 
 from localrun import template as cfn_template  # noqa: E402
 from trainer import config as trainer_config  # noqa: E402  (needs the sys.path entry above)
+from trainer import coordination as trainer_coordination  # noqa: E402
 from trainer import protocol as trainer_protocol  # noqa: E402
 
 STEPS = ("sam", "cfnlint", "checkov", "hadolint", "pip", "asserts")
@@ -86,7 +87,7 @@ DYNAMODB_ACTIONS = {
     "batch_get_item": "dynamodb:BatchGetItem",
     "batch_write_item": "dynamodb:BatchWriteItem",
     "transact_get_items": "dynamodb:GetItem",
-    "transact_write_items": "dynamodb:PutItem",
+    "transact_write_items": "dynamodb:UpdateItem",  # the trainer's transactions hold Update items
     "describe_table": "dynamodb:DescribeTable",
 }
 # Variables `make image-test` overrides with `sam local invoke --env-vars`: SAM passes only declared ones.
@@ -668,6 +669,42 @@ def assert_trainer(gate: Gate) -> Iterator[str]:
         yield f"{gate.trainer_id}: no S3 notification for {expected}; trainer.protocol accepts only those start objects (found {rules})"
 
 
+def assert_watchdog(gate: Gate) -> Iterator[str]:
+    """The watchdog's bound comes from FUNCTION_TIMEOUT_S, which must be the trainer's real timeout; the schedule
+    must send the event trainer.protocol parses; the active-runs index it queries must exist."""
+    template = gate.translated
+    trainer = template.get("Resources", {}).get(gate.trainer_id, {}).get("Properties", {})
+    variables = trainer.get("Environment", {}).get("Variables", {})
+    declared = variables.get(trainer_config.ENV_FUNCTION_TIMEOUT_S)
+    if declared is None or str(declared) != str(trainer.get("Timeout")):
+        yield (
+            f"{gate.trainer_id}: {trainer_config.ENV_FUNCTION_TIMEOUT_S} is {declared!r} but Timeout is "
+            f"{trainer.get('Timeout')!r}; the watchdog would call live runs stalled (or wait too long)"
+        )
+    inputs = [
+        target.get("Input")
+        for _, rule in _resources(template, "AWS::Events::Rule")
+        for target in rule.get("Properties", {}).get("Targets", [])
+        if _ref(target.get("Arn")) == gate.trainer_id or gate.trainer_id in json.dumps(target.get("Arn"))
+    ]
+    if not any(_parses_as_watchdog(text) for text in inputs):
+        yield f"{gate.trainer_id}: no schedule sends the watchdog event (found inputs {inputs})"
+    table = template.get("Resources", {}).get(gate.table_id, {}).get("Properties", {})
+    indexes = {
+        index.get("IndexName"): [key.get("AttributeName") for key in index.get("KeySchema", [])]
+        for index in table.get("GlobalSecondaryIndexes", [])
+    }
+    if indexes.get(trainer_coordination.ACTIVE_INDEX) != ["active"]:
+        yield f"{gate.table_id}: no index {trainer_coordination.ACTIVE_INDEX!r} keyed on 'active' (found {indexes})"
+
+
+def _parses_as_watchdog(text: Any) -> bool:
+    try:
+        return isinstance(trainer_protocol.parse_event(json.loads(text)), trainer_protocol.WatchdogEvent)
+    except (TypeError, ValueError):
+        return False
+
+
 def assert_status_table(gate: Gate) -> Iterator[str]:
     table = gate.translated.get("Resources", {}).get(gate.table_id)
     if not isinstance(table, dict) or table.get("Type") != "AWS::DynamoDB::Table":
@@ -970,6 +1007,7 @@ ASSERTIONS: tuple[Callable[[Gate], Iterator[str]], ...] = (
     assert_queue_visibility,
     assert_trainer,
     assert_trainer_permissions,
+    assert_watchdog,
     assert_local_overrides_declared,
     assert_logging,
     assert_status_table,

@@ -415,3 +415,18 @@ def test_a_malformed_watchdog_event_is_refused_and_changes_nothing(harness: Harn
     with pytest.raises(InvalidEventError):
         harness.invoke(event)
     assert harness.run("t1") == before
+
+
+def test_a_start_the_accounts_concurrency_cannot_run_is_refused_before_anything_is_written(
+    harness: Harness,
+) -> None:
+    class SmallAccount:
+        def get_account_settings(self) -> dict[str, Any]:
+            return {"AccountLimit": {"ConcurrentExecutions": 10, "UnreservedConcurrentExecutions": 3}}
+
+    harness.services.lambda_api = SmallAccount()
+    with pytest.raises(InvalidEventError, match=r"needs 4 concurrent executions.*L-B99A9384"):
+        harness.invoke(start_event("big", workers=3))
+    assert harness.status.get_run("big") is None and not (harness.efs_root / "runs").exists()
+    harness.invoke(start_event("fits", workers=2))  # 3 executions fit
+    assert harness.run("fits").state == "RUNNING"

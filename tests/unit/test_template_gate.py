@@ -59,6 +59,24 @@ def test_real_template_passes_the_whole_gate(capsys):
 
 BROKEN_ASSERTIONS = [
     pytest.param(
+        '          FUNCTION_TIMEOUT_S: "900"\n',
+        '          FUNCTION_TIMEOUT_S: "60"\n',
+        "TrainerFunction: FUNCTION_TIMEOUT_S is '60' but Timeout is 900",
+        id="watchdog-timeout-mismatch",
+    ),
+    pytest.param(
+        """            Input: '{"watchdog": true}'\n""",
+        """            Input: '{"watchdog": 1}'\n""",
+        "TrainerFunction: no schedule sends the watchdog event",
+        id="watchdog-input-invalid",
+    ),
+    pytest.param(
+        "        - IndexName: ActiveRuns\n",
+        "        - IndexName: Active\n",
+        "StatusTable: no index 'ActiveRuns' keyed on 'active'",
+        id="active-index-missing",
+    ),
+    pytest.param(
         "    Timeout: 900\n",
         "    Timeout: 901\n",
         "TrainerFunction: Timeout is 901; expected 1 to 900",

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from botocore.exceptions import ClientError
 
-from trainer import config, logs
+from trainer import config, logs, quotas
 from trainer.coordination import INITIAL_TOKEN, MAX_ROUNDS, RunStatus
 from trainer.efs_layout import EfsLayout, save_arrays, write_json
 from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError, TrainingError
@@ -64,6 +64,8 @@ def start_run(
             "delete the folder or choose another run id"
         )
     if run is None:
+        if services.lambda_api is not None:  # refuse a run the account cannot execute, before writing anything
+            quotas.check_concurrency(services.lambda_api, cfg.workers)
         weights = initial_weights(cfg, services.layout.root)  # validates a weights file too
         with contextlib.suppress(CoordinationConflictError):  # a concurrent duplicate won: checked below
             services.status.create_run(planned)

@@ -31,14 +31,17 @@ class Services:
     invoker: Invoker
     environment: config.Environment
     s3: Any = None
+    lambda_api: Any = None  # a boto3 Lambda client for account checks; None skips them (tests, harnesses)
 
     @classmethod
     def from_environment(cls, environment: config.Environment) -> Services:
+        invoker = LambdaInvoker(environment.function_name)
         return cls(
             layout=EfsLayout(environment.efs_root),
             status=StatusTable.from_name(environment.status_table),
-            invoker=LambdaInvoker(environment.function_name),
+            invoker=invoker,
             environment=environment,
+            lambda_api=invoker.client,
         )
 
     def s3_client(self) -> Any:
