@@ -16,6 +16,11 @@ Steps, each failing with a :class:`StagingError` that names the object or file a
    received must match ``head_object``'s size (and ETag) and the sha256 must match the manifest.
 4. Write the manifest last, fsync, and rename the folder to ``<EFS_ROOT>/datasets/<dataset>/``.
 
+A dataset that an active run trains on is never replaced by different data (a run pins its dataset's manifest
+digest and would fail): with ``STATUS_TABLE`` set, step 1 also asks the status table's ``ActiveRuns`` index which
+active runs use the dataset, and refuses if any does and the new manifest differs from the one on EFS. Staging
+the same manifest again is always allowed (it changes no byte a run reads).
+
 Any failure removes the temporary folder and re-raises, so Lambda records a failure and the previous
 dataset stays as it was. The handler returns ``{"dataset", "directory", "files", "bytes", "seconds"}``.
 
@@ -52,7 +57,14 @@ logger = logging.getLogger(__name__)
 # --- The dataset folder -------------------------------------------------------------------------------
 
 EFS_ROOT_ENV = "EFS_ROOT"
+STATUS_TABLE_ENV = "STATUS_TABLE"
 DEFAULT_EFS_ROOT = "/mnt/efs"
+# The status table's side of the contract (trainer.coordination owns it; the zip cannot import the trainer and
+# tests/unit/test_dataset_contract.py checks that these agree): the sparse index of active runs and the run
+# item's attributes read here.
+ACTIVE_INDEX = "ActiveRuns"
+ACTIVE_ATTRIBUTE = "active"
+CONFIG_ATTRIBUTE = "config"
 DATASETS_DIR = "datasets"  # <EFS_ROOT>/datasets/<dataset>/
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
@@ -122,9 +134,15 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
         os.environ.get("LOG_LEVEL", "INFO")
     )  # Lambda's root logger starts at WARNING
     efs_root = Path(os.environ.get(EFS_ROOT_ENV, DEFAULT_EFS_ROOT))
+    table_name = os.environ.get(STATUS_TABLE_ENV)
     try:
         request = parse_stage_event(event)
-        return stage_dataset(request, s3_client=boto3.client("s3"), efs_root=efs_root)
+        return stage_dataset(
+            request,
+            s3_client=boto3.client("s3"),
+            efs_root=efs_root,
+            status_table=boto3.resource("dynamodb").Table(table_name) if table_name else None,
+        )
     except StagingError as exc:
         logger.error("staging_failed", extra={"error": str(exc)})
         raise
@@ -168,8 +186,11 @@ def check_prefix(prefix: Any) -> str:
 # --- Staging ------------------------------------------------------------------------------------------
 
 
-def stage_dataset(request: StageRequest, *, s3_client: Any, efs_root: Path) -> dict[str, Any]:
-    """Copy ``s3://bucket/prefix/{manifest.json, *.npy}`` to ``<efs_root>/datasets/<dataset>/`` (see module doc)."""
+def stage_dataset(
+    request: StageRequest, *, s3_client: Any, efs_root: Path, status_table: Any = None
+) -> dict[str, Any]:
+    """Copy ``s3://bucket/prefix/{manifest.json, *.npy}`` to ``<efs_root>/datasets/<dataset>/`` (see module doc).
+    ``status_table``: the status table (a boto3 ``Table``) to ask which active runs use the dataset."""
     started = time.monotonic()
     target = efs_root / DATASETS_DIR / request.dataset
     problem = describe_unreplaceable(target)
@@ -178,6 +199,13 @@ def stage_dataset(request: StageRequest, *, s3_client: Any, efs_root: Path) -> d
 
     manifest_bytes = _read_object(s3_client, request, MANIFEST_FILE)
     entries = parse_manifest(manifest_bytes, request.uri(MANIFEST_FILE))
+    if status_table is not None and _manifest_on_efs(target) not in (None, manifest_bytes):
+        users = active_runs_using(status_table, request.dataset)
+        if users:
+            raise StagingError(
+                f"dataset {request.dataset!r} is in use by active run(s) {users}; they would fail on different "
+                "data. Stage under another dataset name, or wait until they end (or stop them)"
+            )
     remote_arrays = [_inspect_array(s3_client, request, entries[name]) for name in ARRAY_NAMES]
 
     with temporary_directory_beside(target) as build_dir:
@@ -196,6 +224,41 @@ def stage_dataset(request: StageRequest, *, s3_client: Any, efs_root: Path) -> d
     }
     logger.info("dataset_staged", extra=summary)
     return summary
+
+
+def _manifest_on_efs(target: Path) -> bytes | None:
+    try:
+        return (target / MANIFEST_FILE).read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def active_runs_using(status_table: Any, dataset: str) -> list[str]:
+    """Ids of the active runs whose configuration names ``dataset`` (from the sparse ``ActiveRuns`` index)."""
+    users: list[str] = []
+    kwargs: dict[str, Any] = {
+        "IndexName": ACTIVE_INDEX,
+        "KeyConditionExpression": "#active = :one",
+        "ExpressionAttributeNames": {"#active": ACTIVE_ATTRIBUTE},
+        "ExpressionAttributeValues": {":one": "1"},
+    }
+    while True:
+        page = status_table.query(**kwargs)
+        for key in page.get("Items", []):
+            item = status_table.get_item(Key={"pk": key["pk"], "sk": key["sk"]}, ConsistentRead=True).get(
+                "Item"
+            )
+            if not item or item.get(ACTIVE_ATTRIBUTE) != "1":
+                continue
+            try:
+                used = json.loads(item.get(CONFIG_ATTRIBUTE, "{}")).get("dataset")
+            except (TypeError, ValueError, AttributeError):
+                used = None
+            if used in (dataset, None):  # an unreadable configuration counts as a user: never guess
+                users.append(str(key["pk"]).removeprefix("RUN#"))
+        if "LastEvaluatedKey" not in page:
+            return sorted(users)
+        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
 
 def parse_manifest(raw: bytes, where: str) -> dict[str, ArrayEntry]:

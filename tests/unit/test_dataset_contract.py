@@ -7,6 +7,7 @@ The two sides live in separate deployments (the staging zip holds only ``src/pre
 from __future__ import annotations
 
 import ast
+import json
 import sys
 from pathlib import Path
 
@@ -84,3 +85,13 @@ def test_staging_function_imports_only_the_standard_library_and_boto3() -> None:
     }
 
     assert imported - set(sys.stdlib_module_names) == {"boto3"}
+
+
+def test_the_staging_function_reads_the_status_table_as_the_trainer_writes_it() -> None:
+    from trainer import coordination
+    from trainer.config import TrainConfig
+
+    item = coordination.RunStatus.new("r", TrainConfig(dataset="mine"), num_train=10).to_item()
+    assert stage.ACTIVE_INDEX == coordination.ACTIVE_INDEX
+    assert item[stage.ACTIVE_ATTRIBUTE] == "1"
+    assert json.loads(item[stage.CONFIG_ATTRIBUTE])["dataset"] == "mine"

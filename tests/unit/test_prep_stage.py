@@ -288,3 +288,52 @@ def test_replace_directory_replaces_a_symlinked_target_without_touching_what_it_
     assert not target.is_symlink() and (target / "manifest.json").read_text() == "new"
     assert (elsewhere / "manifest.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar10", "elsewhere"]
+
+
+# --- A dataset in use -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def status_table(s3) -> Any:
+    """The status table (moto's DynamoDB, inside the same mock as the bucket), built from template.yaml."""
+    from localrun import template
+
+    client = boto3.client("dynamodb", region_name="us-east-1")
+    definition = template.table_definition(template.load_template(template.DEFAULT_TEMPLATE))
+    client.create_table(TableName="status", **definition)
+    return boto3.resource("dynamodb", region_name="us-east-1").Table("status")
+
+
+def start_run(status_table: Any, run_id: str, dataset: str) -> None:
+    from trainer.config import TrainConfig
+    from trainer.coordination import RunStatus, StatusTable
+
+    StatusTable(status_table).create_run(RunStatus.new(run_id, TrainConfig(workers=2, dataset=dataset), 100))
+
+
+def upload_changed_manifest(s3, prepared: Path) -> None:
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest["source"] = {**manifest.get("source", {}), "name": "a-newer-archive.tar.gz"}
+    s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/manifest.json", Body=json.dumps(manifest).encode())
+
+
+def test_a_dataset_an_active_run_uses_is_not_replaced_by_different_data(s3, efs_root, prepared, status_table):
+    stage.stage_dataset(request(), s3_client=s3, efs_root=efs_root, status_table=status_table)
+    target = efs_root / "datasets" / "cifar10"
+    before = snapshot(target)
+    start_run(status_table, "r1", "cifar10")
+    start_run(status_table, "other", "cifar100")
+    stage.stage_dataset(
+        request(), s3_client=s3, efs_root=efs_root, status_table=status_table
+    )  # same: allowed
+    upload_changed_manifest(s3, prepared)
+
+    with pytest.raises(stage.StagingError, match=r"in use by active run\(s\) \['r1'\]"):
+        stage.stage_dataset(request(), s3_client=s3, efs_root=efs_root, status_table=status_table)
+
+    assert snapshot(target) == before and leftovers(target.parent) == []
+    from trainer.coordination import StatusTable
+
+    StatusTable(status_table).fail_run("r1", "ended")  # no longer active: the new data may come in
+    stage.stage_dataset(request(), s3_client=s3, efs_root=efs_root, status_table=status_table)
+    assert snapshot(target) != before

@@ -64,7 +64,9 @@ def start_run(
             "delete the folder or choose another run id"
         )
     if run is None:
-        if services.lambda_api is not None:  # refuse a run the account cannot execute, before writing anything
+        if (
+            services.lambda_api is not None
+        ):  # refuse a run the account cannot execute, before writing anything
             quotas.check_concurrency(services.lambda_api, cfg.workers)
         weights = initial_weights(cfg, services.layout.root)  # validates a weights file too
         with contextlib.suppress(CoordinationConflictError):  # a concurrent duplicate won: checked below
