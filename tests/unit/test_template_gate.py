@@ -50,6 +50,7 @@ def run_gate(capsys, template: Path, *args: str) -> tuple[int, str]:
     return status, captured.out + captured.err
 
 
+@pytest.mark.registry  # the gate's pip step resolves the image's requirements against PyPI
 def test_real_template_passes_the_whole_gate(capsys):
     status, output = run_gate(capsys, TEMPLATE)
 
