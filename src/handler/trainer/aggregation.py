@@ -10,6 +10,9 @@ worker trained on, and then
   ``b <- m * b + mean_delta``;  ``w <- w + outer_lr * (mean_delta + m * b)``
 
 BatchNorm statistics are replaced by their average.
+
+:class:`RunningAverage` adds one update at a time into float64 accumulators, so a combine holds a few model
+copies whatever the worker count; :func:`average_updates` is the same arithmetic over a list.
 """
 
 from __future__ import annotations
@@ -34,27 +37,55 @@ class Averaged:
     mean_loss: float
 
 
+class RunningAverage:
+    """The sample-weighted mean of updates added one at a time (each weighted by ``samples / total_samples``,
+    so the total must be known first: it is in every update's metadata)."""
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], total_samples: int) -> None:
+        if total_samples <= 0:
+            raise ValueError("updates report no trained examples")
+        self.shapes = [tuple(shape) for shape in shapes]
+        self.total_samples = total_samples
+        self.accumulators = [np.zeros(shape, dtype=np.float64) for shape in self.shapes]
+        self.loss_sum = 0.0
+        self.added_samples = 0
+        self.count = 0
+
+    def add(self, update: WorkerUpdate) -> None:
+        got = [tuple(array.shape) for array in update.arrays]
+        if got != self.shapes:
+            raise ValueError(
+                f"update {self.count} has array shapes {got[:3]}..., expected {self.shapes[:3]}..."
+            )
+        weight = update.samples / self.total_samples
+        for accumulator, array in zip(self.accumulators, update.arrays, strict=True):
+            accumulator += array.astype(np.float64) * weight
+        self.loss_sum += update.mean_loss * update.samples
+        self.added_samples += update.samples
+        self.count += 1
+
+    def result(self) -> Averaged:
+        if not self.count:
+            raise ValueError("no updates to average")
+        if self.added_samples != self.total_samples:
+            raise ValueError(
+                f"the updates hold {self.added_samples} examples, their metadata announced {self.total_samples}"
+            )
+        return Averaged(
+            arrays=[accumulator.astype(np.float32) for accumulator in self.accumulators],
+            samples=self.total_samples,
+            mean_loss=self.loss_sum / self.total_samples,
+        )
+
+
 def average_updates(updates: Sequence[WorkerUpdate], shapes: Sequence[tuple[int, ...]]) -> Averaged:
     """Sample-weighted mean of every array; checks that each update matches the model's shapes."""
     if not updates:
         raise ValueError("no updates to average")
-    total = sum(update.samples for update in updates)
-    if total <= 0:
-        raise ValueError("updates report no trained examples")
-    for position, update in enumerate(updates):
-        got = [tuple(array.shape) for array in update.arrays]
-        if got != [tuple(shape) for shape in shapes]:
-            raise ValueError(
-                f"update {position} has array shapes {got[:3]}..., expected {list(shapes)[:3]}..."
-            )
-    averaged = []
-    for index in range(len(shapes)):
-        accumulator = np.zeros(shapes[index], dtype=np.float64)
-        for update in updates:
-            accumulator += update.arrays[index].astype(np.float64) * (update.samples / total)
-        averaged.append(accumulator.astype(np.float32))
-    mean_loss = sum(update.mean_loss * update.samples for update in updates) / total
-    return Averaged(arrays=averaged, samples=total, mean_loss=mean_loss)
+    average = RunningAverage(shapes, sum(update.samples for update in updates))
+    for update in updates:
+        average.add(update)
+    return average.result()
 
 
 def apply_outer_update(

@@ -32,7 +32,15 @@ from trainer.coordination import (
     RunStatus,
     RunSummary,
 )
-from trainer.efs_layout import TMP_PREFIX, file_size, load_arrays, new_token, publish_file, save_arrays
+from trainer.efs_layout import (
+    TMP_PREFIX,
+    file_size,
+    load_arrays,
+    load_meta,
+    new_token,
+    publish_file,
+    save_arrays,
+)
 from trainer.errors import CoordinationConflictError, LayoutError, TrainingError
 from trainer.fan_out import fan_out
 from trainer.protocol import CombineEvent
@@ -94,7 +102,7 @@ def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
 class _RoundInputs:
     model: keras.Model
     global_weights: list[np.ndarray]
-    updates: list[aggregation.WorkerUpdate]
+    average: aggregation.RunningAverage  # every worker's update, added as it was read
     worker_meta: list[dict[str, Any]]
     momentum: list[np.ndarray] | None
     bytes_read: int
@@ -121,27 +129,35 @@ def _check_all_registered(run: RunStatus, services: Services) -> dict[str, Any] 
 
 
 def _load_round(run: RunStatus, services: Services, phases: dict[str, float]) -> _RoundInputs:
-    """The model with this round's global weights, every worker's update, and the outer momentum."""
+    """The model with this round's global weights, the running average of every worker's update (each added as
+    it is read, so memory does not grow with the worker count), and the outer momentum."""
     began = time.perf_counter()
     layout = services.layout
     model = model_for(run.config, layout.root)
     weights_path = layout.weights_path(run.run_id, run.round_index, run.weights_token)
     global_weights = load_global_weights(weights_path, model)
-    updates, worker_meta = [], []
-    bytes_read = file_size(weights_path)
-    for worker in range(run.config.workers):
-        path = layout.update_path(run.run_id, run.round_index, worker)
-        arrays, meta = load_arrays(path)
-        bytes_read += file_size(path)
-        updates.append(aggregation.WorkerUpdate(arrays, int(meta["samples"]), float(meta["mean_loss"])))
-        worker_meta.append(meta)
+    update_paths = [
+        layout.update_path(run.run_id, run.round_index, worker) for worker in range(run.config.workers)
+    ]
+    worker_meta = [load_meta(path) for path in update_paths]  # the sample counts weight the average
+    try:
+        average = aggregation.RunningAverage(
+            [weight.shape for weight in global_weights], sum(int(meta["samples"]) for meta in worker_meta)
+        )
+        for path in update_paths:
+            arrays, meta = load_arrays(path)
+            average.add(aggregation.WorkerUpdate(arrays, int(meta["samples"]), float(meta["mean_loss"])))
+            del arrays
+    except (ValueError, KeyError) as exc:
+        raise LayoutError(f"round {run.round_index}: {exc}") from exc
+    bytes_read = file_size(weights_path) + sum(file_size(path) for path in update_paths)
     momentum = None
     if run.config.outer_momentum > 0 and run.round_index > 0:
         momentum_path = layout.outer_state_path(run.run_id, run.round_index, run.weights_token)
         momentum, _ = load_arrays(momentum_path)  # must exist
         bytes_read += file_size(momentum_path)
     phases["load"] = time.perf_counter() - began
-    return _RoundInputs(model, global_weights, updates, worker_meta, momentum, bytes_read)
+    return _RoundInputs(model, global_weights, average, worker_meta, momentum, bytes_read)
 
 
 def _aggregate(
@@ -149,9 +165,8 @@ def _aggregate(
 ) -> tuple[list[np.ndarray], list[np.ndarray] | None, aggregation.Averaged]:
     """Average the updates, apply the outer update; the model holds the new weights afterwards."""
     began = time.perf_counter()
-    shapes = [weight.shape for weight in inputs.global_weights]
     try:
-        averaged = aggregation.average_updates(inputs.updates, shapes)
+        averaged = inputs.average.result()
     except ValueError as exc:
         raise LayoutError(f"round {run.round_index}: {exc}") from exc
     new_weights, new_momentum = aggregation.apply_outer_update(

@@ -218,6 +218,17 @@ def load_arrays(path: Path) -> tuple[list[np.ndarray], dict[str, Any]]:
     return arrays, meta
 
 
+def load_meta(path: Path) -> dict[str, Any]:
+    """Only the JSON metadata of what :func:`save_arrays` wrote (the arrays are not read)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return json.loads(archive[_META_KEY].tobytes()) if _META_KEY in archive.files else {}
+    except FileNotFoundError as exc:
+        raise LayoutError(f"{path}: missing") from exc
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise LayoutError(f"{path}: unreadable array archive ({exc})") from exc
+
+
 def file_size(path: Path) -> int:
     try:
         return path.stat().st_size
