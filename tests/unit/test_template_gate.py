@@ -120,8 +120,8 @@ BROKEN_ASSERTIONS = [
         id="retry-attempts-5",
     ),
     pytest.param(
-        "          STATUS_TABLE: !Ref StatusTable\n",
-        "",
+        "          STATUS_TABLE: !Ref StatusTable\n          TF_ENABLE_ONEDNN_OPTS",
+        "          TF_ENABLE_ONEDNN_OPTS",
         "TrainerFunction: environment variable STATUS_TABLE is not set",
         id="status-table-env-missing",
     ),
@@ -195,8 +195,8 @@ BROKEN_ASSERTIONS = [
         id="visibility-timeout-below-6x",
     ),
     pytest.param(
-        "                - dynamodb:Query\n",
-        "                - dynamodb:Query\n                - dynamodb:DeleteItem\n",
+        "                - dynamodb:UpdateItem\n                - dynamodb:Query\n",
+        "                - dynamodb:UpdateItem\n                - dynamodb:Query\n                - dynamodb:DeleteItem\n",
         "grants DynamoDB actions ['dynamodb:DeleteItem', 'dynamodb:GetItem', 'dynamodb:PutItem', 'dynamodb:Query', "
         "'dynamodb:UpdateItem']; the trainer calls exactly",
         id="dynamodb-action-the-trainer-never-calls",

@@ -80,6 +80,8 @@ EXPECTATIONS = (
     # The same start object again, read from S3: a redelivered notification is a no-op.
     Expectation("s3_put.json", "fresh", {"status": "duplicate", "run": RUN_ID, "state": "RUNNING"}),
     Expectation("stop.json", "fresh", {"status": "stop_requested", "run": RUN_ID}),
+    # The scheduled watchdog: the fresh run has just started, so nothing is stalled.
+    Expectation("watchdog.json", "fresh", {"status": "checked", "actions": {}}),
     # Worker 3 of round 14 failed once: sent again with attempt 2.
     Expectation(
         "failure_record.json",
