@@ -698,6 +698,25 @@ def assert_watchdog(gate: Gate) -> Iterator[str]:
         yield f"{gate.table_id}: no index {trainer_coordination.ACTIVE_INDEX!r} keyed on 'active' (found {indexes})"
 
 
+def assert_alarm_topics(gate: Gate) -> Iterator[str]:
+    """CloudWatch alarms cannot publish to an SNS topic encrypted with the AWS managed key: the alarm would fire
+    and nobody would hear (the key's policy does not admit cloudwatch.amazonaws.com and cannot be edited)."""
+    resources = gate.translated.get("Resources", {})
+    for alarm_id, alarm in _resources(gate.translated, "AWS::CloudWatch::Alarm"):
+        for action in alarm.get("Properties", {}).get("AlarmActions", []):
+            topic = resources.get(_ref(action) or "", {})
+            key = (
+                topic.get("Properties", {}).get("KmsMasterKeyId")
+                if topic.get("Type") == "AWS::SNS::Topic"
+                else None
+            )
+            if isinstance(key, str) and key.lower() == "alias/aws/sns":
+                yield (
+                    f"{alarm_id}: notifies {_ref(action)}, encrypted with alias/aws/sns; CloudWatch cannot publish "
+                    "to it (use a customer managed key whose policy admits cloudwatch.amazonaws.com, or none)"
+                )
+
+
 def _parses_as_watchdog(text: Any) -> bool:
     try:
         return isinstance(trainer_protocol.parse_event(json.loads(text)), trainer_protocol.WatchdogEvent)
@@ -926,8 +945,9 @@ def assert_trainer_permissions(gate: Gate) -> Iterator[str]:
                 f"{role_id}: grants DynamoDB actions {sorted(dynamodb_granted)}; the trainer calls exactly "
                 f"{sorted(needed)} (grant those, not a CRUD policy)"
             )
-    if "lambda:GetAccountSettings" not in granted:
-        yield f"{role_id}: lacks lambda:GetAccountSettings; trainer.quotas reads the concurrency quota at start"
+    for action in ("lambda:GetAccountSettings", "lambda:GetFunctionConcurrency"):
+        if action not in granted:
+            yield f"{role_id}: lacks {action}; trainer.quotas reads the concurrency limits at start"
     for owner, statement in statements:
         actions = _actions(statement)
         if "s3:PutObject" in actions and "s3:AbortMultipartUpload" not in actions:
@@ -1008,6 +1028,7 @@ ASSERTIONS: tuple[Callable[[Gate], Iterator[str]], ...] = (
     assert_trainer,
     assert_trainer_permissions,
     assert_watchdog,
+    assert_alarm_topics,
     assert_local_overrides_declared,
     assert_logging,
     assert_status_table,

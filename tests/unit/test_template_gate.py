@@ -60,6 +60,18 @@ def test_real_template_passes_the_whole_gate(capsys):
 
 BROKEN_ASSERTIONS = [
     pytest.param(
+        "      DisplayName: lambdatrain alarms\n",
+        "      DisplayName: lambdatrain alarms\n      KmsMasterKeyId: alias/aws/sns\n",
+        "DeadLetterAlarm: notifies AlarmTopic, encrypted with alias/aws/sns",
+        id="alarm-topic-managed-key",
+    ),
+    pytest.param(
+        "              Action: lambda:GetFunctionConcurrency\n",
+        "              Action: lambda:GetFunctionConfiguration\n",
+        "lacks lambda:GetFunctionConcurrency",
+        id="own-concurrency-not-readable",
+    ),
+    pytest.param(
         '          FUNCTION_TIMEOUT_S: "900"\n',
         '          FUNCTION_TIMEOUT_S: "60"\n',
         "TrainerFunction: FUNCTION_TIMEOUT_S is '60' but Timeout is 900",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -139,7 +140,7 @@ def _load_round(run: RunStatus, services: Services, phases: dict[str, float]) ->
     update_paths = [
         layout.update_path(run.run_id, run.round_index, worker) for worker in range(run.config.workers)
     ]
-    worker_meta = [load_meta(path) for path in update_paths]  # the sample counts weight the average
+    worker_meta = [_update_meta(path) for path in update_paths]  # the sample counts weight the average
     try:
         average = aggregation.RunningAverage(
             [weight.shape for weight in global_weights], sum(int(meta["samples"]) for meta in worker_meta)
@@ -158,6 +159,28 @@ def _load_round(run: RunStatus, services: Services, phases: dict[str, float]) ->
         bytes_read += file_size(momentum_path)
     phases["load"] = time.perf_counter() - began
     return _RoundInputs(model, global_weights, average, worker_meta, momentum, bytes_read)
+
+
+UPDATE_META_FIELDS = {"samples": int, "mean_loss": float, "compute_s": float, "load_s": float}
+
+
+def _update_meta(path: Path) -> dict[str, Any]:
+    """An update's metadata, checked: a damaged file fails the run at once instead of being retried."""
+    meta = load_meta(path)
+    for name, kind in UPDATE_META_FIELDS.items():
+        value = meta.get(name)
+        valid = (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value >= 0
+            and (kind is float or float(value).is_integer())
+        )
+        if not valid:
+            raise LayoutError(
+                f"{path}: update metadata {name!r} is {value!r}; expected a non-negative {kind.__name__}"
+            )
+    return meta
 
 
 def _aggregate(
@@ -269,8 +292,8 @@ def _follow_up(run: RunStatus, services: Services, model: keras.Model | None = N
 
 
 def _finish(run: RunStatus, services: Services, model: keras.Model | None) -> str:
-    """Export ``final.keras`` from the committed weights (and upload it), delete what the run no longer needs,
-    then mark the run SUCCEEDED."""
+    """Export ``final.keras`` from the committed weights (and upload it), mark the run SUCCEEDED, then delete
+    what it no longer needs. Returns the run's state."""
     path = services.layout.final_model_path(run.run_id)
     if not path.exists():
         if model is None:  # a follow-up after a crash: the committed weights are on EFS
@@ -281,8 +304,6 @@ def _finish(run: RunStatus, services: Services, model: keras.Model | None) -> st
     summary = RunSummary(final_model=str(path))
     if run.export_bucket:  # before SUCCEEDED: a succeeded run's model is in S3 too
         summary = dataclasses.replace(summary, final_model_s3=_upload_model(path, run, services))
-    # Before SUCCEEDED, so that a crash in between leaves the clean-up to the retried follow-up.
-    housekeeping.clean_up(dataclasses.replace(run, state=SUCCEEDED), services.layout)
     if services.status.finish_run(run, summary):
         logs.event(
             log,
@@ -292,7 +313,13 @@ def _finish(run: RunStatus, services: Services, model: keras.Model | None) -> st
             epochsdone=run.epochs_done,
             **{**run.summary.to_item(), **summary.to_item()},
         )
-    return SUCCEEDED
+        state = SUCCEEDED
+    else:  # another copy finished it, or it was stopped or failed meanwhile: report what it is
+        fresh = services.status.get_run(run.run_id)
+        state = fresh.state if fresh is not None else run.state
+    if state == SUCCEEDED:  # a crash before this leaves it to the sweep of the crash's own failure record
+        housekeeping.clean_up(dataclasses.replace(run, state=SUCCEEDED), services.layout)
+    return state
 
 
 def _export_model(model: keras.Model, path: Path) -> None:

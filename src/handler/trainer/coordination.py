@@ -51,6 +51,7 @@ from botocore.exceptions import ClientError
 
 from trainer import logs
 from trainer.config import TrainConfig
+from trainer.efs_layout import check_name
 from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError
 from trainer.schedule import Schedule
 
@@ -187,6 +188,28 @@ class RunStatus:
         stamp = self.heartbeat_at or self.updated_at or self.created_at
         return dt.datetime.fromisoformat(stamp) if stamp else None
 
+    def check(self) -> None:
+        """Refuse values no transition writes (a crafted or damaged item): ``ValueError`` naming the field."""
+        check_name("run", self.run_id)
+        check_name("weights_token", self.weights_token)
+        if self.state not in ACTIVE_STATES + TERMINAL_STATES:
+            raise ValueError(
+                f"state must be one of {list(ACTIVE_STATES + TERMINAL_STATES)}, got {self.state!r}"
+            )
+        if self.total_rounds != self.schedule.total_rounds:
+            raise ValueError(
+                f"total_rounds is {self.total_rounds}, but its configuration plans {self.schedule.total_rounds}"
+            )
+        if not 0 <= self.round_index <= self.total_rounds:
+            raise ValueError(
+                f"round must be between 0 and total_rounds {self.total_rounds}, got {self.round_index}"
+            )
+        if not -1 <= self.fanned_out <= self.round_index or self.generation < 1 or self.epochs_done < 0:
+            raise ValueError(
+                f"fanned_out {self.fanned_out}, generation {self.generation} or epochsdone {self.epochs_done} "
+                f"is out of range for round {self.round_index}"
+            )
+
     def to_item(self) -> dict[str, Any]:
         item: dict[str, Any] = {
             **run_key(self.run_id),
@@ -230,7 +253,7 @@ class RunStatus:
             )
         try:
             config = TrainConfig.from_mapping(json.loads(item["config"]))
-            return cls(
+            run = cls(
                 run_id=run_id,
                 state=item["state"],
                 round_index=int(item["round"]),
@@ -250,6 +273,8 @@ class RunStatus:
                 heartbeat_at=item.get("heartbeat_at"),
                 watchdog_resends=int(item.get("watchdog_resends", 0)),
             )
+            run.check()
+            return run
         except KeyError as exc:
             raise LayoutError(
                 f"run {run_id!r}: the status item has no {exc.args[0]!r} (written by an older version?)"
@@ -350,7 +375,7 @@ class StatusTable:
             f"run {run_id!r} does not exist or has already SUCCEEDED; nothing to resume",
             Key=run_key(run_id),
             UpdateExpression="SET #state = :running, generation = generation + :one, updated_at = :now, "
-            "heartbeat_at = :now, active = :active REMOVE reason",
+            "heartbeat_at = :now, active = :active, watchdog_resends = :zero REMOVE reason",
             ConditionExpression="attribute_exists(pk) AND #state <> :succeeded",
             ExpressionAttributeNames={"#state": "state"},
             ExpressionAttributeValues={
@@ -359,6 +384,7 @@ class StatusTable:
                 ":now": now_iso(),
                 ":succeeded": SUCCEEDED,
                 ":active": "1",
+                ":zero": 0,
             },
             ReturnValues="ALL_NEW",
         )

@@ -12,8 +12,8 @@ import dataclasses
 import logging
 from typing import Any
 
-from trainer import errors, logs
-from trainer.coordination import FAILED
+from trainer import errors, housekeeping, logs, watchdog
+from trainer.coordination import FAILED, RunStatus
 from trainer.protocol import (
     CombineEvent,
     Event,
@@ -40,28 +40,38 @@ def handle_failure(record: FailureRecord, services: Services) -> dict[str, Any]:
     if failed is None:
         return _replay(record, services)
     logs.bind_more(run_id=failed.run_id, round=failed.round_index)
-    stale = _why_stale(failed, services)
+    run = services.status.get_run(failed.run_id)
+    stale = _why_stale(failed, run, services)
     if stale:
+        if run is not None and run.terminal:  # a killed straggler may have left files behind
+            housekeeping.clean_up(run, services.layout)
         logs.event(log, "stale_failure_ignored", reason=stale, error=record.error_message)
         return {"status": "ignored", "reason": stale}
-    run = services.status.get_run(failed.run_id)
     kind = "combine" if isinstance(failed, CombineEvent) else f"worker {failed.worker_index}"
-    if failed.attempt < run.config.max_attempts:
+    left_to_do = _left_to_do(failed, run, services)
+    budget = run.config.max_attempts * (2 if left_to_do != "training" else 1)
+    if failed.attempt < budget:
         retry = dataclasses.replace(failed, attempt=failed.attempt + 1)
         services.invoker.invoke_async([retry.to_wire()])
         logs.event(
             log, "failed_event_redispatched", kind=kind, attempt=retry.attempt, error=record.error_message
         )
         return {"status": "redispatched", "attempt": retry.attempt}
+    if left_to_do != "training":
+        # The round's work is done (an update written, or the round committed): failing the run would throw it
+        # away. What is left is the watchdog's to re-send.
+        logs.event(
+            log, "failed_event_left_to_watchdog", level=logging.ERROR, kind=kind, error=record.error_message
+        )
+        return {"status": "ignored", "reason": f"{left_to_do} is left to the watchdog"}
     reason = f"{kind} of round {failed.round_index} failed {failed.attempt} times; last error: {record.error_message}"
     services.status.fail_run(failed.run_id, reason, round_index=run.round_index, generation=run.generation)
     logs.event(log, "run_failed", level=logging.ERROR, reason=reason, failed_request_id=record.request_id)
     return {"status": FAILED.lower(), "reason": reason}
 
 
-def _why_stale(failed: WorkerEvent | CombineEvent, services: Services) -> str | None:
+def _why_stale(failed: WorkerEvent | CombineEvent, run: RunStatus | None, services: Services) -> str | None:
     """Why a failed worker or combine event no longer matters, or None if it still has work to do."""
-    run = services.status.get_run(failed.run_id)
     if run is None:
         return "the run does not exist"
     if failed.generation < run.generation:
@@ -74,13 +84,30 @@ def _why_stale(failed: WorkerEvent | CombineEvent, services: Services) -> str | 
         return f"run is {run.state} at round {run.round_index}"
     record = services.status.get_round(failed.run_id, failed.round_index)
     if record is not None and failed.worker_index in record.done:
-        return f"worker {failed.worker_index} already registered for round {failed.round_index}"
+        # Registered. Its retry matters only while it may still be the one to invoke the combine: nobody else
+        # claimed it in this generation (it may have died between its registration and its claim or Invoke).
+        claimed_elsewhere = (
+            record.claimed_generation == run.generation and record.claimed_by != failed.worker_index
+        )
+        if record.completed or claimed_elsewhere:
+            return f"worker {failed.worker_index} already registered for round {failed.round_index}"
     return None
 
 
+def _left_to_do(failed: WorkerEvent | CombineEvent, run: RunStatus, services: Services) -> str:
+    """What a retry of ``failed`` would still have to do: ``training`` (or combining), or only cheap steps
+    (``registration`` of an update already written, the ``follow-up`` of a committed round)."""
+    if isinstance(failed, CombineEvent):
+        return "follow-up" if run.round_index > failed.round_index else "training"
+    if services.layout.update_path(failed.run_id, failed.round_index, failed.worker_index).exists():
+        return "registration"
+    return "training"
+
+
 def _replay(record: FailureRecord, services: Services) -> dict[str, Any]:
-    """A start (direct or S3), resume or stop that failed part-way is sent again (they are idempotent); once
-    its attempts are used up, a run it left active with nothing sent is marked FAILED."""
+    """A start (direct or S3), resume or stop that failed part-way is sent again (they are idempotent). Once its
+    attempts are used up, a run it left without its workers goes to the watchdog at once: re-sent under a new
+    generation within the watchdog's own budget, then FAILED with the reason."""
     payload = dict(record.replay_payload or {})
     if not payload:
         logs.event(log, "failed_event_not_retried", level=logging.ERROR, error=record.error_message)
@@ -100,17 +127,23 @@ def _replay(record: FailureRecord, services: Services) -> dict[str, Any]:
         return {"status": "redispatched", "attempt": payload["attempt"]}
     reason = f"{_describe(payload)} failed {record.attempt} times; last error: {record.error_message}"
     logs.event(log, "replay_attempts_exhausted", level=logging.ERROR, reason=reason)
+    run_id = _run_id_of(payload, services)
+    run = services.status.get_run(run_id) if run_id else None
+    if run is not None and run.active and run.fanned_out < run.round_index:
+        action = watchdog.revive(run, services, cause=reason)
+        return {"status": action, "reason": reason}
+    return {"status": "ignored", "reason": reason}
+
+
+def _run_id_of(payload: dict[str, Any], services: Services) -> str | None:
+    """The run a start or resume created or continued (for an S3 start, the one its object names)."""
     try:
         event = parse_event(payload)
-    except errors.InvalidEventError:
-        return {"status": "ignored", "reason": reason}
-    run_id = event.run_id if isinstance(event, StartEvent | S3StartEvent) else None
-    run = services.status.get_run(run_id) if run_id else None
-    if run is not None and run.active and run.fanned_out < run.round_index:  # it never got its workers out
-        services.status.fail_run(run.run_id, reason, round_index=run.round_index, generation=run.generation)
-        logs.event(log, "run_failed", level=logging.ERROR, reason=reason, failed_request_id=record.request_id)
-        return {"status": FAILED.lower(), "reason": reason}
-    return {"status": "ignored", "reason": reason}
+        if isinstance(event, S3StartEvent):
+            return services.read_start_object(event).run_id or event.run_id
+    except errors.TrainingError:
+        return None
+    return event.run_id if isinstance(event, StartEvent) else None
 
 
 def _describe(payload: dict[str, Any]) -> str:

@@ -6,7 +6,8 @@ What a run keeps, by its state after a commit (``R`` = its round, ``T`` = its we
   resumes from them), round ``R``'s updates and saved worker states (a resume reuses them), and the weights and
   momentum of round ``R - 1`` (a duplicate combine of that round may still be reading them; one that finds a
   file gone fails harmlessly, as a stale event). Everything older goes, and so do files of round ``R`` that
-  another (losing) combine named;
+  another (losing) combine named. Files of later rounds are never touched: the run may have moved on since the
+  status this clean-up was given was read (a slow invocation cleaning up after an old commit);
 - SUCCEEDED: ``config.json`` and ``final.keras`` only.
 
 Temporary files a killed writer left (``.tmp-*``) go once they are older than ``STALE_TEMPORARY_S``: a live
@@ -52,6 +53,8 @@ def clean_up(run: RunStatus, layout: EfsLayout) -> int:
 def _keeps(run: RunStatus, kind: str, round_index: int, token: str | None) -> bool:
     if run.state == SUCCEEDED:
         return False
+    if round_index > run.round_index:
+        return True
     if round_index == run.round_index:
         return token is None or token == run.weights_token
     return round_index == run.round_index - 1 and token is not None

@@ -37,13 +37,25 @@ def executions_needed(workers: int) -> int:
     return workers + 1
 
 
-def check_concurrency(lambda_client: Any, workers: int, reserved: int | None = None) -> None:
+def check_concurrency(
+    lambda_client: Any, workers: int, reserved: int | None = None, function_name: str | None = None
+) -> None:
     """Raise :class:`InvalidEventError` if the trainer cannot run ``workers + 1`` executions at once.
 
     ``reserved`` is the trainer's own reserved concurrency when it has one (then that is its limit, not the
-    account's unreserved pool).
+    account's unreserved pool); with ``function_name`` it is read with ``GetFunctionConcurrency``.
     """
     needed = executions_needed(workers)
+    if reserved is None and function_name is not None:
+        try:
+            reserved = lambda_client.get_function_concurrency(FunctionName=function_name).get(
+                "ReservedConcurrentExecutions"
+            )
+        except ClientError as exc:
+            if not _not_implemented(exc):
+                raise
+            logs.event(log, "concurrency_check_skipped", reason="GetFunctionConcurrency is not available")
+            return
     if reserved is not None and reserved > 0:
         if reserved < needed:
             raise InvalidEventError(
@@ -55,14 +67,10 @@ def check_concurrency(lambda_client: Any, workers: int, reserved: int | None = N
     try:
         limits = lambda_client.get_account_settings()["AccountLimit"]
     except ClientError as exc:
-        error = exc.response.get("Error", {})
-        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-        if error.get("Code") in NOT_IMPLEMENTED_CODES or status in ("404", "501"):
-            logs.event(
-                log, "concurrency_check_skipped", reason=f"GetAccountSettings: {error.get('Code') or status}"
-            )
-            return
-        raise
+        if not _not_implemented(exc):
+            raise
+        logs.event(log, "concurrency_check_skipped", reason="GetAccountSettings is not available")
+        return
     total = int(limits["ConcurrentExecutions"])
     unreserved = int(limits["UnreservedConcurrentExecutions"])
     logs.event(log, "concurrency_checked", needed=needed, unreserved=unreserved, account_limit=total)
@@ -74,3 +82,10 @@ def check_concurrency(lambda_client: Any, workers: int, reserved: int | None = N
             f"{needed + reserved_elsewhere} in Service Quotas (AWS Lambda, '{QUOTA_NAME}', {QUOTA_CODE}), or start "
             f"with workers <= {max(unreserved - 1, 0)}"
         )
+
+
+def _not_implemented(exc: ClientError) -> bool:
+    """Whether the endpoint lacks the call (the local Invoke API, an emulator), rather than refusing it."""
+    code = exc.response.get("Error", {}).get("Code")
+    status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    return code in NOT_IMPLEMENTED_CODES or status in ("404", "501")

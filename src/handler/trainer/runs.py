@@ -10,20 +10,17 @@ import logging
 from typing import Any
 
 import numpy as np
-from botocore.exceptions import ClientError
 
 from trainer import config, logs, quotas
 from trainer.coordination import INITIAL_TOKEN, MAX_ROUNDS, RunStatus
 from trainer.efs_layout import EfsLayout, save_arrays, write_json
-from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError, TrainingError
+from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError
 from trainer.fan_out import fan_out, resend
-from trainer.protocol import S3StartEvent, StartEvent, StopEvent, parse_start_object
+from trainer.protocol import S3StartEvent, StartEvent, StopEvent
 from trainer.schedule import Schedule
 from trainer.services import Services, dataset_digest, dataset_for, initial_weights, require_run
 
 log = logging.getLogger(__name__)
-
-MAX_START_OBJECT_BYTES = 64 * 1024
 
 
 # --- start ----------------------------------------------------------------------------------------------
@@ -31,17 +28,7 @@ MAX_START_OBJECT_BYTES = 64 * 1024
 
 def start_from_s3(event: S3StartEvent, services: Services) -> dict[str, Any]:
     """Read the start object and start it; the run id defaults to the object's name, so a redelivery is a no-op."""
-    try:
-        response = services.s3_client().get_object(Bucket=event.bucket, Key=event.key)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "NoSuchBucket", "AccessDenied"):
-            raise InvalidEventError(
-                f"cannot read start object s3://{event.bucket}/{event.key}: {exc}"
-            ) from exc
-        raise TrainingError(f"reading start object s3://{event.bucket}/{event.key} failed: {exc}") from exc
-    if int(response.get("ContentLength", 0)) > MAX_START_OBJECT_BYTES:
-        raise InvalidEventError(f"start object {event.key!r} is larger than {MAX_START_OBJECT_BYTES} bytes")
-    start = parse_start_object(response["Body"].read(MAX_START_OBJECT_BYTES + 1), event.key)
+    start = services.read_start_object(event)
     return start_run(start, services, default_run_id=event.run_id, export_bucket=event.bucket)
 
 
@@ -67,7 +54,9 @@ def start_run(
         if (
             services.lambda_api is not None
         ):  # refuse a run the account cannot execute, before writing anything
-            quotas.check_concurrency(services.lambda_api, cfg.workers)
+            quotas.check_concurrency(
+                services.lambda_api, cfg.workers, function_name=services.environment.function_name
+            )
         weights = initial_weights(cfg, services.layout.root)  # validates a weights file too
         with contextlib.suppress(CoordinationConflictError):  # a concurrent duplicate won: checked below
             services.status.create_run(planned)

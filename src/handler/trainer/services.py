@@ -12,14 +12,18 @@ from typing import Any
 
 import keras
 import numpy as np
+from botocore.exceptions import ClientError
 
 from trainer import config, data, logs, models
 from trainer.coordination import RunStatus, StatusTable
 from trainer.efs_layout import MANIFEST_FILE, EfsLayout, load_arrays
-from trainer.errors import DatasetChangedError, InvalidEventError, LayoutError
+from trainer.errors import DatasetChangedError, InvalidEventError, LayoutError, TrainingError
 from trainer.invocation import Invoker, LambdaInvoker
+from trainer.protocol import S3StartEvent, StartEvent, parse_start_object
 
 log = logging.getLogger(__name__)
+
+MAX_START_OBJECT_BYTES = 64 * 1024
 
 
 @dataclass
@@ -43,6 +47,24 @@ class Services:
             environment=environment,
             lambda_api=invoker.client,
         )
+
+    def read_start_object(self, event: S3StartEvent) -> StartEvent:
+        """The start event in an S3 start object (at most ``MAX_START_OBJECT_BYTES``)."""
+        try:
+            response = self.s3_client().get_object(Bucket=event.bucket, Key=event.key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "NoSuchBucket", "AccessDenied"):
+                raise InvalidEventError(
+                    f"cannot read start object s3://{event.bucket}/{event.key}: {exc}"
+                ) from exc
+            raise TrainingError(
+                f"reading start object s3://{event.bucket}/{event.key} failed: {exc}"
+            ) from exc
+        if int(response.get("ContentLength", 0)) > MAX_START_OBJECT_BYTES:
+            raise InvalidEventError(
+                f"start object {event.key!r} is larger than {MAX_START_OBJECT_BYTES} bytes"
+            )
+        return parse_start_object(response["Body"].read(MAX_START_OBJECT_BYTES + 1), event.key)
 
     def s3_client(self) -> Any:
         if self.s3 is None:

@@ -48,16 +48,21 @@ def check_runs(
         progress = run.last_progress_at
         silent_s = (now - progress).total_seconds() if progress else float("inf")
         if silent_s >= bound_s:
-            actions[run.run_id] = _revive(run, silent_s, services)
+            actions[run.run_id] = revive(run, services, silent_s=silent_s)
     logs.event(log, "watchdog_checked", stalled=len(actions), **({"actions": actions} if actions else {}))
     return {"status": "checked", "actions": actions}
 
 
-def _revive(run: RunStatus, silent_s: float, services: Services) -> str:
+def revive(
+    run: RunStatus, services: Services, silent_s: float | None = None, cause: str | None = None
+) -> str:
+    """Re-send what ``run`` needs next under a new generation, or fail it once its re-sends are used up.
+    ``cause``: why it is being revived (default: its silence). Returns "resent", "failed" or "moved on"."""
+    why = cause or f"no progress for {silent_s:.0f} s at round {run.round_index}"
     if run.watchdog_resends >= run.config.max_attempts:
         reason = (
-            f"no progress for {silent_s:.0f} s at round {run.round_index} after {run.watchdog_resends} watchdog "
-            "re-sends; its events were lost (see the dead-letter queue and the function's logs)"
+            f"{why}; {run.watchdog_resends} watchdog re-sends did not get it going (see the dead-letter queue "
+            "and the function's logs)"
         )
         if services.status.fail_run(
             run.run_id, reason, round_index=run.round_index, generation=run.generation
@@ -75,7 +80,7 @@ def _revive(run: RunStatus, silent_s: float, services: Services) -> str:
         run_id=run.run_id,
         round=revived.round_index,
         generation=revived.generation,
-        silent_s=round(silent_s),
+        cause=why,
         resends=revived.watchdog_resends,
     )
     return "resent"

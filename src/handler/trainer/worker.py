@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
 from trainer import logs, models, training
-from trainer.coordination import RunStatus
+from trainer.coordination import SUCCEEDED, RunStatus
 from trainer.efs_layout import load_arrays, save_arrays
 from trainer.errors import CoordinationConflictError, InvalidEventError, TrainingError
 from trainer.protocol import CombineEvent, WorkerEvent
@@ -78,13 +79,27 @@ def train_share(
         margin_s=services.environment.safety_margin_s,
     )
     steps_now = state.next_step - first_step
+    moved_on = _round_moved_on(event, services)  # a late copy must leave nothing that nobody will read
+    if moved_on is not None:
+        return _stale(moved_on)
     if not done:
         return _continue_later(event, run, model, state, steps_now, load_s, services)
-    fresh = services.status.get_run(run.run_id)  # a late copy must not leave an update nobody will read
-    if fresh is None or not fresh.is_current(event.round_index):
-        return _stale(fresh or run)
-    _write_update(event, run, model, global_weights, state, steps_now, load_s, services)
+    path = _write_update(event, run, model, global_weights, state, steps_now, load_s, services)
+    moved_on = _round_moved_on(event, services)
+    if moved_on is not None and path is not None:  # the round ended (and was cleaned up) while this one wrote
+        path.unlink(missing_ok=True)
+        return _stale(moved_on)
     return None
+
+
+def _round_moved_on(event: WorkerEvent, services: Services) -> RunStatus | None:
+    """The run as it is now if ``event``'s round is over (committed, or the run finished), else None. A run that
+    failed or was stopped at this round still wants the update: a resume reuses it."""
+    fresh = services.status.get_run(event.run_id)
+    if fresh is None:
+        raise InvalidEventError(f"run {event.run_id!r} does not exist any more")
+    over = fresh.round_index != event.round_index or fresh.state == SUCCEEDED
+    return fresh if over else None
 
 
 def _restore_local_state(
@@ -127,6 +142,10 @@ def _continue_later(
     began = time.perf_counter()
     partial_path = services.layout.partial_path(run.run_id, event.round_index, event.worker_index)
     size = save_arrays(partial_path, model.get_weights() + training.optimizer_state(model), state.to_meta())
+    moved_on = _round_moved_on(event, services)
+    if moved_on is not None:  # the round ended while this copy saved: nobody will continue from it
+        partial_path.unlink(missing_ok=True)
+        return _stale(moved_on)
     continuation = dataclasses.replace(event, resume_step=state.next_step)
     services.invoker.invoke_async([continuation.to_wire()])
     logs.event(
@@ -149,8 +168,9 @@ def _write_update(
     steps_now: int,
     load_s: float,
     services: Services,
-) -> None:
-    """Write the update: deltas of trainable weights (in ``update_dtype``), values of BatchNorm statistics."""
+) -> Path | None:
+    """Write the update: deltas of trainable weights (in ``update_dtype``), values of BatchNorm statistics.
+    Returns its path if this call published it (None: another copy had already)."""
     began = time.perf_counter()
     dtype = np.dtype(run.config.update_dtype)
     update = [
@@ -176,7 +196,7 @@ def _write_update(
     layout.partial_path(run.run_id, event.round_index, event.worker_index).unlink(missing_ok=True)
     if not size:
         logs.event(log, "update_already_written")
-        return
+        return None
     throughput = (steps_now * run.config.batch_size) / max(state.compute_s, 1e-9) if steps_now else 0.0
     logs.event(
         log,
@@ -190,6 +210,7 @@ def _write_update(
         write_s=round(time.perf_counter() - began, 3),
         size_bytes=size,
     )
+    return path
 
 
 def _register(event: WorkerEvent, run: RunStatus, services: Services) -> dict[str, Any]:
