@@ -6,14 +6,22 @@ demo so that a stopped run can be resumed. ``-sharedDb`` makes every client see 
 credentials and region.
 
 :func:`create_table` builds the status table from ``template.yaml`` (:func:`localrun.template.table_definition`),
-so a local table cannot drift from the deployed one.
+so a local table cannot drift from the deployed one; on a table made by an older template it adds the indexes
+the table lacks.
+
+**One server per folder.** An instance on disk holds an exclusive ``flock`` on ``<db_path>/server.json``, which
+names its endpoint and pids, for as long as it runs: Java inherits the locked descriptor, so the lock outlives
+a ``lambdatrain`` process that was killed while its Java process lives on. A second start on the same files is
+refused with the holder's endpoint, and :func:`running_server` lets the operator commands use the running one.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import http.client
+import json
 import logging
 import os
 import shutil
@@ -21,6 +29,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,6 +45,49 @@ ENV_JAR = "DYNAMODB_LOCAL_JAR"  # overrides the search for the jar
 JAVA_HINT = "install Java 17+ (e.g. 'apt-get install openjdk-17-jre-headless' or 'brew install openjdk@17')"
 OUTPUT_TAIL_LINES = 20
 PORT_ATTEMPTS = 3  # a free port can be taken between choosing it and Java binding it: try another
+SERVER_FILE = "server.json"  # in the db_path: the running instance's endpoint, locked while it runs
+SERVER_FILE_WAIT_S = 5.0  # a locked but still empty server file: its instance is starting
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    """The DynamoDB Local that serves a folder now, as its ``server.json`` names it."""
+
+    endpoint_url: str
+    pid: int  # the Java process
+    owner_pid: int  # the process that started it (``lambdatrain local``, or an operator command)
+
+
+def running_server(db_path: Path) -> RunningServer | None:
+    """The instance serving ``db_path`` now (its lock is held), or None when none does."""
+    path = Path(db_path) / SERVER_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        deadline = time.monotonic() + SERVER_FILE_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # held: someone serves the folder
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return None  # a file left by an instance that has ended
+            try:
+                info = json.loads(path.read_text() or "null")
+            except (OSError, ValueError):
+                info = None
+            if isinstance(info, dict) and {"endpoint_url", "pid", "owner_pid"} <= set(info):
+                return RunningServer(str(info["endpoint_url"]), int(info["pid"]), int(info["owner_pid"]))
+            if time.monotonic() > deadline:
+                raise DynamoDBLocalError(
+                    f"{path} is locked but names no endpoint; is another DynamoDB Local starting there?"
+                )
+            time.sleep(0.1)
+    finally:
+        os.close(fd)
 
 
 def find_jar(install_dir: Path = DEFAULT_INSTALL_DIR) -> Path:
@@ -82,6 +134,7 @@ class DynamoDBLocal:
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._output: IO[bytes] | None = None
+        self._lock_fd: int | None = None  # the locked server file of an instance on disk
 
     @property
     def endpoint_url(self) -> str:
@@ -105,6 +158,7 @@ class DynamoDBLocal:
             raise DynamoDBLocalError(f"DynamoDB Local jar {jar} does not exist; run `make install`")
         if self.db_path is not None:
             Path(self.db_path).mkdir(parents=True, exist_ok=True)
+            self._lock_server_file()
         attempts = 1 if self.requested_port else PORT_ATTEMPTS
         for attempt in range(1, attempts + 1):
             self.port = self.requested_port or free_port(self.host)
@@ -114,8 +168,10 @@ class DynamoDBLocal:
             except DynamoDBLocalError as exc:
                 port_taken = "Address already in use" in str(exc) or "BindException" in str(exc)
                 if attempt == attempts or not port_taken:
+                    self._unlock_server_file()
                     raise
                 log.warning("dynamodb_local_port_taken", extra={"port": self.port})
+        self._write_server_file()
         atexit.register(self.stop)  # a last resort against an orphan Java process
         log.info("dynamodb_local_started", extra={"endpoint_url": self.endpoint_url, "pid": self.pid})
         return self
@@ -132,6 +188,7 @@ class DynamoDBLocal:
                 process.wait()
             log.info("dynamodb_local_stopped", extra={"pid": process.pid})
         self._close_output()
+        self._unlock_server_file()
         atexit.unregister(self.stop)
 
     def __enter__(self) -> DynamoDBLocal:
@@ -152,6 +209,41 @@ class DynamoDBLocal:
         return boto3.resource("dynamodb", **environment.client_settings(self.endpoint_url))
 
     # --- internals --------------------------------------------------------------------------------
+
+    def _lock_server_file(self) -> None:
+        """Take the folder's lock, or refuse: two instances on the same files would corrupt them."""
+        path = Path(self.db_path or ".") / SERVER_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = running_server(Path(path.parent))
+            where = (
+                f" at {holder.endpoint_url} (java pid {holder.pid}, started by pid {holder.owner_pid})"
+                if holder
+                else ""
+            )
+            raise DynamoDBLocalError(
+                f"{path.parent} is already served by DynamoDB Local{where}; let that command finish (or stop it) "
+                "before starting another on the same files"
+            ) from None
+        os.ftruncate(fd, 0)
+        self._lock_fd = fd
+
+    def _write_server_file(self) -> None:
+        if self._lock_fd is None:
+            return
+        info = {"endpoint_url": self.endpoint_url, "pid": self.pid, "owner_pid": os.getpid()}
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, json.dumps(info).encode(), 0)
+
+    def _unlock_server_file(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # Java, which held a copy, has exited: this releases the lock
 
     def _launch(self, java: str, jar: Path) -> None:
         lib_dir = jar.parent / "DynamoDBLocal_lib"
@@ -181,6 +273,8 @@ class DynamoDBLocal:
             stdout=self._output,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # Java keeps the folder's lock while it lives, even if this process is killed.
+            pass_fds=(self._lock_fd,) if self._lock_fd is not None else (),
         )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
@@ -253,3 +347,47 @@ def create_table(
     )
     log.info("table_created", extra={"table": table_name, "template": str(template_path)})
     return True
+
+
+def add_missing_indexes(
+    client: Any,
+    table_name: str,
+    template_path: Path = template.DEFAULT_TEMPLATE,
+    logical_id: str = template.STATUS_TABLE_ID,
+) -> list[str]:
+    """Add the global secondary indexes the template declares and an existing table lacks (a table created by
+    an older template); wait until they are ACTIVE. Returns the names added."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    definition = template.table_definition(template.load_template(template_path), logical_id)
+    try:
+        existing = client.describe_table(TableName=table_name)["Table"].get("GlobalSecondaryIndexes", [])
+        have = {index["IndexName"] for index in existing}
+        added = []
+        for index in definition.get("GlobalSecondaryIndexes", []):
+            if index["IndexName"] in have:
+                continue
+            client.update_table(
+                TableName=table_name,
+                AttributeDefinitions=definition["AttributeDefinitions"],
+                GlobalSecondaryIndexUpdates=[{"Create": index}],
+            )
+            added.append(index["IndexName"])
+            _wait_for_index(client, table_name, index["IndexName"])
+    except (BotoCoreError, ClientError) as exc:
+        raise DynamoDBLocalError(f"cannot add the template's indexes to table {table_name!r}: {exc}") from exc
+    if added:
+        log.info("table_indexes_added", extra={"table": table_name, "indexes": added})
+    return added
+
+
+def _wait_for_index(client: Any, table_name: str, index_name: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        indexes = client.describe_table(TableName=table_name)["Table"].get("GlobalSecondaryIndexes", [])
+        if any(i["IndexName"] == index_name and i.get("IndexStatus") == "ACTIVE" for i in indexes):
+            return
+        time.sleep(0.2)
+    raise DynamoDBLocalError(
+        f"index {index_name} of table {table_name!r} did not become ACTIVE in {timeout_s:.0f} s"
+    )

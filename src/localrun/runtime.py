@@ -92,8 +92,10 @@ class LocalRuntime:
                 self.database = stack.enter_context(
                     dynamodb_local.DynamoDBLocal(db_path=self.db_path, log_path=self.dynamodb_log_path)
                 )
-                dynamodb_local.create_table(self.database.client(), self.table_name, self.template_path)
+                client = self.database.client()
+                dynamodb_local.create_table(client, self.table_name, self.template_path)
                 self.table = self.database.resource().Table(self.table_name)
+                dynamodb_local.add_missing_indexes(client, self.table_name, self.template_path)
                 if self.check_table is not None:
                     self.checked = self.check_table(self.table)
             self.api = stack.enter_context(lambda_api.LambdaApiServer([], port=self.port))

@@ -195,3 +195,40 @@ def test_finish_happens_once_after_the_last_commit(status: StatusTable) -> None:
     finished = status.get_run("r")
     assert finished.state == "SUCCEEDED"
     assert finished.summary == RunSummary(test_accuracy=0.5, final_model="m")
+
+
+def test_runs_are_listed_newest_first_from_the_runs_index(status: StatusTable) -> None:
+    for index, run_id in enumerate(["old", "middle", "new"]):
+        run = RunStatus.new(run_id, TrainConfig(epochs=2, rounds_per_epoch=2), num_train=100)
+        status.create_run(dataclasses.replace(run, created_at=f"2026-11-2{index}T10:00:00+00:00"))
+    status.register_worker("new", 0, 0)  # round items are not runs
+
+    listing = status.list_runs()
+
+    assert [run.run_id for run in listing.runs] == ["new", "middle", "old"]
+    assert listing.unreadable == {}
+    indexes = status.table.meta.client.describe_table(TableName=status.table.name)["Table"]
+    assert "Runs" in [index["IndexName"] for index in indexes["GlobalSecondaryIndexes"]]
+
+
+def test_a_run_item_from_before_the_index_is_listed_once_indexed(status: StatusTable) -> None:
+    create(status, "before")
+    status.table.update_item(Key={"pk": "RUN#before", "sk": "RUN"}, UpdateExpression="REMOVE kind")
+    assert status.list_runs().runs == []
+
+    assert status.index_run("before") is True
+    assert status.index_run("before") is False  # already indexed
+    assert status.index_run("missing") is False
+    assert [run.run_id for run in status.list_runs().runs] == ["before"]
+
+
+def test_halt_stops_an_active_run_at_once_with_the_reason(status: StatusTable) -> None:
+    create(status, "r1")
+
+    assert status.halt_run("r1", "stopped at once by the operator") is True
+    assert status.halt_run("r1", "again") is False  # no longer active
+
+    run = status.get_run("r1")
+    assert (run.state, run.reason, run.active) == (STOPPED, "stopped at once by the operator", False)
+    assert "r1" not in status.list_active_run_ids()
+    assert status.resume_run("r1").state == "RUNNING"

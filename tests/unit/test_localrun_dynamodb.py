@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import stat
 import textwrap
 from pathlib import Path
@@ -222,3 +224,34 @@ def test_repository_template_declares_every_setting_the_local_runtime_reads() ->
 
     # nothing falls back to a built-in default
     assert set(settings) == {"timeout_s", "memory_mb", "maximum_retry_attempts", "failure_destination"}
+
+
+@pytest.mark.java
+def test_one_instance_per_folder_and_the_running_one_is_found(tmp_path: Path) -> None:
+    db_path = tmp_path / "db"
+    assert dynamodb_local_module.running_server(db_path) is None
+    with dynamodb_local_module.DynamoDBLocal(db_path=db_path) as database:
+        server = dynamodb_local_module.running_server(db_path)
+        assert server == dynamodb_local_module.RunningServer(database.endpoint_url, database.pid, os.getpid())
+        with pytest.raises(
+            DynamoDBLocalError, match=f"already served by DynamoDB Local at {database.endpoint_url}"
+        ):
+            dynamodb_local_module.DynamoDBLocal(db_path=db_path).start()
+    assert dynamodb_local_module.running_server(db_path) is None  # the file stays, unlocked and empty
+
+
+def test_indexes_the_template_added_later_are_added_to_an_existing_table(
+    dynamodb_local: dynamodb_local_module.DynamoDBLocal, tmp_path: Path
+) -> None:
+    client = dynamodb_local.client()
+    older = re.sub(r" *- \{AttributeName: state, AttributeType: S\}\n", "", TEMPLATE)
+    older = older.replace("GlobalSecondaryIndexes:", "Unused:")
+    dynamodb_local_module.create_table(client, "older", write_template(tmp_path, older))
+    try:
+        added = dynamodb_local_module.add_missing_indexes(client, "older", write_template(tmp_path))
+        again = dynamodb_local_module.add_missing_indexes(client, "older", write_template(tmp_path))
+        indexes = client.describe_table(TableName="older")["Table"]["GlobalSecondaryIndexes"]
+    finally:
+        client.delete_table(TableName="older")
+    assert (added, again) == (["by-state"], [])
+    assert [index["IndexName"] for index in indexes] == ["by-state"]

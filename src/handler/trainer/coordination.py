@@ -16,6 +16,8 @@ Run item ``pk="RUN#<run>"``, ``sk="RUN"``
     ``heartbeat_at``   written by every invocation that works on the run (the watchdog's progress signal)
     ``watchdog_resends``  how often the watchdog re-sent the current round (reset by every commit)
     ``active``         "1" while RUNNING or STOP_REQUESTED, absent after: the sparse index ``ActiveRuns``
+    ``kind``           "RUN" on every run item (never on round items): with ``created_at`` the sparse index
+                       ``Runs``, which lists runs newest first without scanning the table
     ``schema``         the item layout's version (``SCHEMA_VERSION``); items of another version are refused
     ``generation``     incremented by every resume, so a resumed run can claim a combine again
     ``fanned_out``     the last round whose worker events were all sent
@@ -70,6 +72,10 @@ ROUND_PREFIX = "ROUND#"
 MAX_ROUNDS = 999_999  # round sort keys have six digits: a run may not plan more rounds (they would misorder)
 SCHEMA_VERSION = 2  # 1: items before num_train, tokens and the active index; refused with a clear reason
 ACTIVE_INDEX = "ActiveRuns"  # sparse GSI over run items that carry ``active`` (template.yaml declares it)
+RUNS_INDEX = (
+    "Runs"  # sparse GSI over run items: HASH ``kind``, RANGE ``created_at`` (template.yaml declares it)
+)
+RUN_KIND = "RUN"  # the ``kind`` of run items, the one key of the Runs index
 INITIAL_TOKEN = "init"  # the weights token of round 0 (written by the start)
 
 
@@ -83,6 +89,26 @@ def round_key(run_id: str, round_index: int) -> dict[str, str]:
 
 def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def ended_run_condition() -> dict[str, Any]:
+    """``delete_item`` arguments that let only a run item that has ended go: exists, not RUNNING or
+    STOP_REQUESTED (the operator's ``lambdatrain rm`` deletes with it; the trainer never deletes items)."""
+    return {
+        "ConditionExpression": "attribute_exists(pk) AND NOT #state IN (:running, :stop)",
+        "ExpressionAttributeNames": {"#state": "state"},
+        "ExpressionAttributeValues": {":running": RUNNING, ":stop": STOP_REQUESTED},
+    }
+
+
+def run_items_query(run_id: str) -> dict[str, Any]:
+    """``query`` arguments for the keys of every item of a run (its run item and its round items)."""
+    return {
+        "KeyConditionExpression": "pk = :pk",
+        "ExpressionAttributeValues": {":pk": f"RUN#{run_id}"},
+        "ProjectionExpression": "pk, sk",
+        "ConsistentRead": True,
+    }
 
 
 # --- records --------------------------------------------------------------------------------------------
@@ -225,6 +251,7 @@ class RunStatus:
             "weights_token": self.weights_token,
             "watchdog_resends": self.watchdog_resends,
             "schema": SCHEMA_VERSION,
+            "kind": RUN_KIND,
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
             "created_at": self.created_at or now_iso(),
             "updated_at": self.updated_at or now_iso(),
@@ -341,6 +368,14 @@ class RoundRecord:
             committed_token=item.get("committed_token"),
             metrics=RoundMetrics.from_item(item),
         )
+
+
+@dataclass(frozen=True)
+class RunListing:
+    """Every run item from the Runs index, newest first; items this version cannot read are named, not hidden."""
+
+    runs: list[RunStatus] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)  # run id -> why it cannot be read
 
 
 # --- the table ------------------------------------------------------------------------------------------
@@ -528,6 +563,58 @@ class StatusTable:
             if "LastEvaluatedKey" not in page:
                 return run_ids
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def list_runs(self) -> RunListing:
+        """Every run, newest first, from the sparse ``Runs`` index (one paginated Query, never a table scan)."""
+        listing = RunListing()
+        kwargs: dict[str, Any] = {
+            "IndexName": RUNS_INDEX,
+            "KeyConditionExpression": "kind = :kind",
+            "ExpressionAttributeValues": {":kind": RUN_KIND},
+            "ScanIndexForward": False,
+        }
+        while True:
+            page = self.table.query(**kwargs)
+            for item in page.get("Items", []):
+                try:
+                    listing.runs.append(RunStatus.from_item(item))
+                except LayoutError as exc:
+                    listing.unreadable[str(item.get("pk", "")).removeprefix("RUN#")] = str(exc)
+            if "LastEvaluatedKey" not in page:
+                return listing
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def index_run(self, run_id: str) -> bool:
+        """Give a run item written before the ``Runs`` index its ``kind`` (and a ``created_at`` if it has none),
+        so that :meth:`list_runs` finds it. False if there is no such run or it is already indexed."""
+        return self._transition(
+            "update_item",
+            "run does not exist or is already indexed",
+            Key=run_key(run_id),
+            UpdateExpression="SET kind = :kind, created_at = if_not_exists(created_at, :now)",
+            ConditionExpression="attribute_exists(pk) AND attribute_not_exists(kind)",
+            ExpressionAttributeValues={":kind": RUN_KIND, ":now": now_iso()},
+        )
+
+    def halt_run(self, run_id: str, reason: str) -> bool:
+        """The operator's stop at once: an active run becomes STOPPED now, with the reason (its current round is
+        lost; a resume redoes it). Invocations still in flight find the run inactive and do nothing. False if it
+        was not active."""
+        return self._transition(
+            "update_item",
+            "run is not active",
+            Key=run_key(run_id),
+            UpdateExpression="SET #state = :stopped, reason = :reason, updated_at = :now REMOVE active",
+            ConditionExpression="#state IN (:running, :stop)",
+            ExpressionAttributeNames={"#state": "state"},
+            ExpressionAttributeValues={
+                ":stopped": STOPPED,
+                ":reason": reason[:1000],
+                ":now": now_iso(),
+                ":running": RUNNING,
+                ":stop": STOP_REQUESTED,
+            },
+        )
 
     def heartbeat(self, run_id: str) -> None:
         """Record that an invocation is working on an active run (the watchdog's measure of progress)."""
