@@ -29,7 +29,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from localrun import dynamodb_local, faults, monitor, progress, runtime, settings, start_event, template
+from localrun import (
+    dynamodb_local,
+    faults,
+    monitor,
+    operations,
+    progress,
+    runtime,
+    settings,
+    start_event,
+    template,
+)
 from localrun.errors import LocalRuntimeError
 from trainer import config, coordination, efs_layout, logs
 
@@ -150,11 +160,14 @@ def main_parser() -> argparse.ArgumentParser:
     runtime_options.add_argument(
         "--table", default=runtime.DEFAULT_TABLE, help="status table name (default: %(default)s)"
     )
+    operations.add_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = main_parser().parse_args(argv)
+    if args.command != "local":
+        return operations.run_command(args)
     try:
         return run_local(args)
     except LocalRuntimeError as exc:

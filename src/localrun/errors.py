@@ -15,3 +15,8 @@ class DynamoDBLocalError(LocalRuntimeError):
 
 class TemplateError(LocalRuntimeError):
     """``template.yaml`` is missing or does not declare what the local runtime reads from it."""
+
+
+class OperatorError(LocalRuntimeError):
+    """An operator command (``lambdatrain runs``, ``status`` ...) cannot do what was asked: an unknown run or
+    stack, a state directory without a table, a run in the wrong state. Nothing was changed."""

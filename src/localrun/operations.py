@@ -1,0 +1,464 @@
+"""The operator commands, one code path for a deployed stack (``--stack``) and a local state directory
+(``--state-dir``, default ``.local``): ``runs``, ``status``, ``watch``, ``stop``, ``rm``, ``start``, ``resume``.
+
+Every read and write of the status table goes through :mod:`trainer.coordination`; where a command acts is a
+:mod:`localrun.targets` object. Bad input (an unknown run or stack, a state directory without a table, a run in
+the wrong state) is one ``error: ...`` line and exit status 1, and nothing is changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from localrun import progress, runtime, start_event, targets
+from localrun.errors import LocalRuntimeError, OperatorError
+from trainer import coordination, efs_layout, errors, protocol
+
+POLL_S = 2.0  # how often `watch` reads the status table
+HALT_REASON = "stopped at once by the operator (lambdatrain stop --now); the current round is lost"
+COMMANDS = ("runs", "status", "watch", "stop", "rm", "start", "resume")
+
+
+# --- arguments ------------------------------------------------------------------------------------------
+
+
+def add_commands(commands: Any) -> None:
+    """Add the operator commands to ``lambdatrain``'s subparsers."""
+    where = argparse.ArgumentParser(add_help=False)
+    group = where.add_argument_group("where the runs are (a deployed stack, or a local state directory)")
+    group.add_argument("--stack", metavar="NAME", help="a deployed stack: resources from its Outputs")
+    group.add_argument("--region", metavar="R", help="the stack's region (default: the AWS configuration's)")
+    group.add_argument(
+        "--state-dir", type=Path, metavar="DIR", help="local runs: the state directory (default: .local)"
+    )
+    group.add_argument(
+        "--efs-root", type=Path, metavar="DIR", help="local runs: the EFS stand-in (default: <state-dir>/efs)"
+    )
+    group.add_argument(
+        "--table", default=runtime.DEFAULT_TABLE, help="local runs: the status table (default: %(default)s)"
+    )
+
+    commands.add_parser("runs", parents=[where], help="list runs, newest first")
+    status = commands.add_parser("status", parents=[where], help="a run's state, configuration and rounds")
+    status.add_argument("run", metavar="RUN")
+    watch = commands.add_parser(
+        "watch", parents=[where], help="follow a run with a progress bar; exit 0 if it SUCCEEDED, else 1"
+    )
+    watch.add_argument("run", metavar="RUN")
+    stop = commands.add_parser("stop", parents=[where], help="stop a run after its current round")
+    stop.add_argument("run", metavar="RUN")
+    stop.add_argument(
+        "--now",
+        action="store_true",
+        help="mark it STOPPED now (the round is lost); on a stack also set the trainer's reserved concurrency "
+        "to 0, which halts every run of the stack",
+    )
+    remove = commands.add_parser(
+        "rm", parents=[where], help="delete a run that has ended: items and EFS files"
+    )
+    remove.add_argument("run", metavar="RUN")
+    start = commands.add_parser(
+        "start",
+        parents=[where],
+        help="start a run from an event file or options (locally: lambdatrain local)",
+    )
+    start.add_argument("event", nargs="?", type=Path, metavar="EVENT.json", help="a start event (JSON)")
+    start.add_argument("--run", metavar="ID", help="id of the new run (default: run-<date>-<time>)")
+    start.add_argument("--demo", action="store_true", help="the demo preset (see lambdatrain local --help)")
+    start.add_argument(
+        "--invoke",
+        action="store_true",
+        help="a stack: invoke the trainer instead of uploading a start object",
+    )
+    start_event.add_training_options(start)
+    resume = commands.add_parser("resume", parents=[where], help="continue a stopped or failed run")
+    resume.add_argument("run", metavar="RUN")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run one operator command; errors become one ``error:`` line and status 1."""
+    try:
+        if args.command in ("start", "resume") and not args.stack:
+            return _delegate_local(args)
+        with open_target(args) as target:
+            return COMMAND_FUNCTIONS[args.command](target, args)
+    except (LocalRuntimeError, errors.TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (BotoCoreError, ClientError) as exc:
+        print(f"error: {args.command} failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def open_target(args: argparse.Namespace) -> targets.Target:
+    if args.stack:
+        if args.state_dir or args.efs_root:
+            raise OperatorError("--stack and --state-dir/--efs-root name different places; give one")
+        return targets.StackTarget(args.stack, args.region)
+    if args.region:
+        raise OperatorError("--region needs --stack")
+    return targets.LocalTarget(args.state_dir or Path(".local"), args.efs_root, args.table)
+
+
+def require_run(target: targets.Target, run_id: str) -> coordination.RunStatus:
+    run = target.status.get_run(run_id)
+    if run is None:
+        raise OperatorError(f"no run {run_id!r} in {target.name}; `lambdatrain runs` lists them")
+    return run
+
+
+# --- runs -----------------------------------------------------------------------------------------------
+
+
+def list_runs(target: targets.Target, args: argparse.Namespace) -> int:
+    if isinstance(target, targets.LocalTarget):
+        target.index_runs_on_efs()
+    listing = target.status.list_runs()
+    rows = [("RUN", "STATE", "WORKERS", "ROUND", "EPOCHS", "TEST ACC", "STARTED", "WALL")]
+    for run in listing.runs:
+        accuracy = run.summary.test_accuracy
+        rows.append(
+            (
+                run.run_id,
+                run.state,
+                str(run.config.workers),
+                f"{run.round_index}/{run.total_rounds}",
+                f"{run.epochs_done}/{run.config.epochs}",
+                f"{float(accuracy):.1%}" if accuracy is not None else "-",
+                format_time(run.created_at),
+                format_wall_time(run),
+            )
+        )
+    print(format_table(rows))
+    for run_id, reason in listing.unreadable.items():
+        print(f"warning: run {run_id}: {reason}", file=sys.stderr)
+    if not listing.runs:
+        print(f"no runs in {target.name}", file=sys.stderr)
+    return 0
+
+
+# --- status ---------------------------------------------------------------------------------------------
+
+
+def show_status(target: targets.Target, args: argparse.Namespace) -> int:
+    run = require_run(target, args.run)
+    rounds = target.status.list_rounds(args.run)
+    print(f"run {run.run_id}: {run.state}")
+    if run.reason:
+        print(f"  reason      {run.reason}")
+    print(
+        f"  progress    round {run.round_index}/{run.total_rounds}, epoch {run.epochs_done}/{run.config.epochs}, "
+        f"generation {run.generation}"
+    )
+    print(
+        f"  started     {format_time(run.created_at)}, updated {format_time(run.updated_at)}, wall {format_wall_time(run)}"
+    )
+    configuration = " ".join(f"{key}={value}" for key, value in run.config.to_dict().items())
+    print(f"  config      {configuration}")
+    print(f"  data        {run.num_train} training examples, dataset sha256 {run.dataset_sha256 or '-'}")
+    print(f"  model       {describe_model(target, run)}")
+    completed = [(record, record.metrics) for record in rounds if record.completed and record.metrics]
+    if not completed:
+        print("  rounds      none completed yet")
+        return 0
+    phases: list[str] = []
+    for _, metrics in completed:
+        phases.extend(phase for phase in metrics.duration_s if phase not in phases)
+    header = (
+        "ROUND",
+        "EPOCH",
+        "TRAIN LOSS",
+        "TEST LOSS",
+        "TEST ACC",
+        *(f"{p} s" for p in phases),
+        "READ MB",
+        "WRITTEN MB",
+    )
+    rows = [header]
+    for record, metrics in completed:
+        rows.append(
+            (
+                str(record.round_index),
+                str(metrics.epochs_done),
+                f"{float(metrics.train_loss):.4f}",
+                f"{float(metrics.test_loss):.4f}" if metrics.test_loss is not None else "-",
+                f"{float(metrics.test_accuracy):.1%}" if metrics.test_accuracy is not None else "-",
+                *(f"{float(metrics.duration_s.get(p, 0)):.1f}" for p in phases),
+                f"{int(metrics.bytes_read) / 1e6:.1f}",
+                f"{int(metrics.bytes_written) / 1e6:.1f}",
+            )
+        )
+    print()
+    print(format_table(rows))
+    return 0
+
+
+def describe_model(target: targets.Target, run: coordination.RunStatus) -> str:
+    if run.state != coordination.SUCCEEDED or not run.summary.final_model:
+        return f"none yet (final.keras is written when the run SUCCEEDS); weights of round {run.round_index} on EFS"
+    where = [run.summary.final_model + (" (on the stack's EFS)" if target.efs_root is None else "")]
+    if run.summary.final_model_s3:
+        where.append(run.summary.final_model_s3)
+    return ", ".join(where)
+
+
+# --- watch ----------------------------------------------------------------------------------------------
+
+
+def watch_run(target: targets.Target, args: argparse.Namespace) -> int:
+    require_run(target, args.run)
+    bar = progress.ProgressBar(args.run)
+    try:
+        while True:
+            snapshot = progress.read_snapshot(target.status, args.run)
+            if snapshot.run is None:
+                raise OperatorError(f"run {args.run!r} was deleted while watching")
+            bar.update(snapshot)
+            if snapshot.terminal:
+                break
+            if not target.runs_executed:
+                raise OperatorError(
+                    f"run {args.run} is {snapshot.state} but no `lambdatrain local` serves {target.name}, so "
+                    f"nothing executes it; continue it with: lambdatrain resume {args.run} {target.option_args()}"
+                )
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"error: stopped watching; run {args.run} goes on", file=sys.stderr)
+        return 1
+    finally:
+        bar.close()
+    print(progress.format_summary(progress.summarize(snapshot, wall_time_s(snapshot.run))))
+    return 0 if snapshot.state == coordination.SUCCEEDED else 1
+
+
+# --- stop -----------------------------------------------------------------------------------------------
+
+
+def stop_run(target: targets.Target, args: argparse.Namespace) -> int:
+    run = require_run(target, args.run)
+    if run.terminal:
+        raise OperatorError(f"run {args.run} is already {run.state}; nothing to stop")
+    if args.now:
+        if not target.status.halt_run(args.run, HALT_REASON):
+            raise OperatorError(f"run {args.run} ended while stopping it; nothing to stop")
+        print(
+            f"run {args.run}: STOPPED now; its current round {run.round_index} is lost and will be redone on resume"
+        )
+        if isinstance(target, targets.StackTarget):
+            target.stop_all_invocations()
+            print(
+                f"warning: {target.function_name} now has reserved concurrency 0: Lambda runs no invocation of it, "
+                f"which halts EVERY run of stack {target.stack_name} and the failure-queue consumer",
+                file=sys.stderr,
+            )
+            print(
+                f"undo with: aws lambda delete-function-concurrency --function-name {target.function_name} "
+                f"--region {target.region}  (the next deploy resets it too)",
+                file=sys.stderr,
+            )
+        print(f"resume with: lambdatrain resume {args.run} {target.option_args()}")
+        return 0
+    if run.state == coordination.STOP_REQUESTED:
+        print(f"run {args.run}: a stop is already requested; it stops after round {run.round_index}")
+        return 0
+    target.request_stop(args.run)
+    print(f"run {args.run}: stop requested; it stops after round {run.round_index}")
+    print(f"watch with: lambdatrain watch {args.run} {target.option_args()}")
+    return 0
+
+
+# --- rm -------------------------------------------------------------------------------------------------
+
+
+def remove_run(target: targets.Target, args: argparse.Namespace) -> int:
+    run = require_run(target, args.run)
+    if run.active:
+        raise OperatorError(
+            f"run {args.run} is {run.state}; stop it first: lambdatrain stop {args.run} {target.option_args()}"
+        )
+    deleted = delete_run_items(target.status, args.run)
+    print(f"run {args.run}: deleted {deleted} items from the status table")
+    if target.efs_root is not None:
+        run_dir = efs_layout.EfsLayout(target.efs_root).run_dir(args.run)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+            print(f"run {args.run}: deleted {run_dir}")
+        return 0
+    if not isinstance(target, targets.StackTarget):
+        return 0
+    remains = [
+        f"its EFS files under runs/{args.run}/ on file system {target.file_system_id or '(see the stack)'} "
+        "(EFS is not reachable from this machine; the trainer's clean-up already removed all but config.json, "
+        "final.keras and what a resume needs)"
+    ]
+    if run.summary.final_model_s3:
+        remains.append(f"its exported model {run.summary.final_model_s3}")
+    for line in remains:
+        print(f"kept: {line}")
+    return 0
+
+
+def delete_run_items(status: coordination.StatusTable, run_id: str) -> int:
+    """Delete the run item if the run has ended (else nothing, an error), then its round items."""
+    table = status.table
+    try:
+        table.delete_item(Key=coordination.run_key(run_id), **coordination.ended_run_condition())
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            raise OperatorError(f"run {run_id} is gone or became active; nothing deleted") from exc
+        raise
+    deleted = 1
+    query = coordination.run_items_query(run_id)
+    with table.batch_writer() as batch:
+        while True:
+            page = table.query(**query)
+            for key in page.get("Items", []):
+                batch.delete_item(Key=key)
+                deleted += 1
+            if "LastEvaluatedKey" not in page:
+                return deleted
+            query["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+
+# --- start and resume -----------------------------------------------------------------------------------
+
+
+def start_run(target: targets.Target, args: argparse.Namespace) -> int:
+    if not isinstance(target, targets.StackTarget):
+        raise OperatorError(
+            "start on a state directory runs through lambdatrain local"
+        )  # see _delegate_local
+    event = build_event(args)
+    run_id = event["run"]
+    if target.status.get_run(run_id) is not None:
+        raise OperatorError(f"run {run_id!r} already exists in {target.name}; pick another --run")
+    if args.invoke:
+        target.send_event(event)
+        print(f"run {run_id}: start event sent to {target.function_name}")
+    else:
+        print(f"run {run_id}: start object uploaded to {target.upload_start(event, run_id)}")
+    print(f"watch with: lambdatrain watch {run_id} {target.option_args()}")
+    return 0
+
+
+def resume_run(target: targets.Target, args: argparse.Namespace) -> int:
+    if not isinstance(target, targets.StackTarget):
+        raise OperatorError(
+            "resume on a state directory runs through lambdatrain local"
+        )  # see _delegate_local
+    run = require_run(target, args.run)
+    if run.state == coordination.SUCCEEDED or run.active:
+        raise OperatorError(f"run {args.run} is {run.state}; only a STOPPED or FAILED run can be resumed")
+    target.send_event({"start": True, "run": args.run, "resume": True})
+    print(f"run {args.run}: resume event sent to {target.function_name}")
+    print(f"watch with: lambdatrain watch {args.run} {target.option_args()}")
+    return 0
+
+
+def build_event(args: argparse.Namespace) -> dict[str, Any]:
+    """The start event from EVENT.json, or from the training options (as ``lambdatrain local`` builds it)."""
+    if args.event is None:
+        run_id = args.run or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+        args.resume = None
+        return start_event.build_start_event(args, run_id)
+    options = [field.name for field in start_event.TRAINING_FIELDS if getattr(args, field.name) is not None]
+    if options or args.config or args.demo:
+        raise OperatorError(f"give {args.event} or training options, not both")
+    try:
+        event = json.loads(args.event.read_text())
+    except (OSError, ValueError) as exc:
+        raise OperatorError(f"cannot read the start event {args.event}: {exc}") from exc
+    if not isinstance(event, dict):
+        raise OperatorError(f"{args.event} must hold a JSON object, got {type(event).__name__}")
+    if event.get("resume"):
+        raise OperatorError(f"{args.event} is a resume event; use lambdatrain resume RUN")
+    if args.run and event.get("run", args.run) != args.run:
+        raise OperatorError(f"--run {args.run} and the event's run {event['run']!r} differ; give one")
+    event["run"] = args.run or event.get("run") or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    try:
+        protocol.parse_start(event)
+    except errors.InvalidEventError as exc:
+        raise OperatorError(f"invalid start event {args.event}: {exc}") from exc
+    return event
+
+
+def _delegate_local(args: argparse.Namespace) -> int:
+    """``start`` / ``resume`` on a state directory: ``lambdatrain local``, which runs the run to its end."""
+    from localrun import cli  # cli imports this module
+
+    if args.region:
+        raise OperatorError("--region needs --stack")
+    state_dir = args.state_dir or Path(".local")
+    argv = ["local", "--state-dir", str(state_dir), "--table", args.table]
+    if args.efs_root:
+        argv += ["--efs-root", str(args.efs_root)]
+    if args.command == "resume":
+        if not (state_dir / "dynamodb").is_dir():
+            raise OperatorError(
+                f"{state_dir} holds no status table ({state_dir / 'dynamodb'} does not exist)"
+            )
+        return cli.main([*argv, "--resume", args.run])
+    if args.invoke:
+        raise OperatorError("--invoke needs --stack (locally the start is always an Event invocation)")
+    event = build_event(args)
+    training = {key: value for key, value in event.items() if key not in ("start", "run")}
+    argv += [
+        "--run",
+        event["run"],
+        *(f"--config={key}={json.dumps(value)}" for key, value in training.items()),
+    ]
+    return cli.main(argv)
+
+
+# --- formatting -----------------------------------------------------------------------------------------
+
+
+def format_table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def format_time(stamp: str | None) -> str:
+    if not stamp:
+        return "-"
+    return dt.datetime.fromisoformat(stamp).astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def wall_time_s(run: coordination.RunStatus | None) -> float:
+    """From creation to the last update of a run that ended, or to now."""
+    if run is None or not run.created_at:
+        return 0.0
+    end = (
+        dt.datetime.fromisoformat(run.updated_at)
+        if run.terminal and run.updated_at
+        else dt.datetime.now(dt.UTC)
+    )
+    return max(0.0, (end - dt.datetime.fromisoformat(run.created_at)).total_seconds())
+
+
+def format_wall_time(run: coordination.RunStatus) -> str:
+    return progress.format_duration(wall_time_s(run)) if run.created_at else "-"
+
+
+COMMAND_FUNCTIONS: dict[str, Callable[[targets.Target, argparse.Namespace], int]] = {
+    "runs": list_runs,
+    "status": show_status,
+    "watch": watch_run,
+    "stop": stop_run,
+    "rm": remove_run,
+    "start": start_run,
+    "resume": resume_run,
+}
