@@ -280,3 +280,38 @@ def test_second_ctrl_c_stops_at_once_and_leaves_no_process(
     assert elapsed < 8  # the 5 s round was not waited for
     assert multiprocessing.active_children() == []
     assert java_processes_using(state_dir) == []
+
+
+@pytest.mark.java  # the run's own DynamoDB Local
+def test_operator_commands_use_the_database_of_a_running_local_run(
+    state_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from localrun import dynamodb_local, operations
+
+    monkeypatch.setattr(operations, "POLL_S", 0.1)
+    argv = ["--run", "busy", "--epochs", "6", "--env", "FAKE_ROUND_S=0.4"]
+    codes: list[int] = []
+    local = threading.Thread(target=lambda: codes.append(cli.main(fake_trainer_args(state_dir, *argv))))
+    local.start()
+    marker = state_dir / "efs" / "busy-round-0.started"
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server = dynamodb_local.running_server(state_dir / "dynamodb")
+    options = ["--state-dir", str(state_dir)]
+
+    assert cli.main(["runs", *options]) == 0
+    assert cli.main(["status", "busy", *options]) == 0
+    assert cli.main(["stop", "busy", *options]) == 0
+    assert cli.main(["watch", "busy", *options]) == 1  # it stops after the round: not SUCCEEDED
+    local.join(120)
+    assert cli.main(["rm", "busy", *options]) == 0
+
+    out = capsys.readouterr().out
+    assert server is not None and server.owner_pid == os.getpid()
+    assert "busy   RUNNING" in out or "busy  RUNNING" in out
+    assert "run busy: stop requested" in out
+    assert "run busy: STOPPED" in out
+    assert "run busy: deleted" in out
+    assert codes == [1]
+    assert java_processes_using(state_dir) == []
