@@ -742,6 +742,23 @@ def assert_status_table(gate: Gate) -> Iterator[str]:
             yield f"{gate.table_id}: key attribute {name!r} has type {types.get(name)!r}; expected 'S'"
     if properties.get("BillingMode") != "PAY_PER_REQUEST":
         yield f"{gate.table_id}: BillingMode is {properties.get('BillingMode')!r}; expected PAY_PER_REQUEST (runs are bursty)"
+    runs_index = [  # `lambdatrain runs` lists runs from it (trainer.coordination.StatusTable.list_runs)
+        index
+        for index in properties.get("GlobalSecondaryIndexes", [])
+        if index.get("IndexName") == trainer_coordination.RUNS_INDEX
+    ]
+    keys = [
+        (key.get("AttributeName"), key.get("KeyType"))
+        for index in runs_index
+        for key in index.get("KeySchema", [])
+    ]
+    if keys != [("kind", "HASH"), ("created_at", "RANGE")] or runs_index[0].get("Projection") != {
+        "ProjectionType": "ALL"
+    }:
+        yield (
+            f"{gate.table_id}: no index {trainer_coordination.RUNS_INDEX!r} keyed on kind (HASH) and created_at "
+            f"(RANGE) projecting ALL (found {runs_index}); `lambdatrain runs` reads whole run items from it"
+        )
 
 
 def assert_retained(gate: Gate) -> Iterator[str]:

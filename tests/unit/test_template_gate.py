@@ -90,6 +90,12 @@ BROKEN_ASSERTIONS = [
         id="active-index-missing",
     ),
     pytest.param(
+        "            - AttributeName: created_at\n              KeyType: RANGE\n",
+        "",
+        "StatusTable: no index 'Runs' keyed on kind (HASH) and created_at (RANGE) projecting ALL",
+        id="runs-index-unsorted",
+    ),
+    pytest.param(
         "    Timeout: 900\n",
         "    Timeout: 901\n",
         "TrainerFunction: Timeout is 901; expected 1 to 900",
