@@ -587,3 +587,50 @@ def test_runs_of_a_local_table_from_before_the_index_are_listed(
     assert local_place.main("runs") == 0
 
     assert "older" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["runs", "--state-dir", "elsewhere"],
+            "error: --stack and --state-dir/--efs-root name different places",
+        ),
+        (
+            ["start", "--run", "live", "--workers", "2"],
+            "error: run 'live' already exists in stack lambdatrain-test",
+        ),
+        (
+            ["start", "--workers", "0"],
+            "error: invalid training configuration: workers must be between 1 and 256",
+        ),
+        (["start", "EVENT", "--workers", "2"], "error: give EVENT or training options, not both"),
+        (
+            ["start", "EVENT", "--run", "other"],
+            "error: --run other and the event's run 'exp9' differ; give one",
+        ),
+    ],
+    ids=["stack-and-state-dir", "start-existing", "start-invalid", "start-file-and-options", "start-two-ids"],
+)
+def test_bad_input_for_a_stack_is_one_error_line_and_sends_nothing(
+    stack_place: Place, tmp_path: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    event_path = tmp_path / "start.json"
+    event_path.write_text(json.dumps({"start": True, "workers": 2, "run": "exp9"}))
+    new_run(stack_place.status, "live", "2026-11-27T10:00:00+00:00")
+    before = items(stack_place.status)
+
+    assert stack_place.main(*[str(event_path) if arg == "EVENT" else arg for arg in argv]) == 1
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message.replace("EVENT", str(event_path)) in err[0], err
+    assert items(stack_place.status) == before
+    assert stack_place.invocations == []
+    assert stack_place.s3_client.list_objects_v2(Bucket=BUCKET).get("KeyCount") == 0
+
+
+def test_a_stack_without_a_region_is_one_error_line(
+    stack_place: Place, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["runs", "--stack", STACK]) == 1
+    assert capsys.readouterr().err == "error: no AWS region configured; pass --region (or set AWS_REGION)\n"
