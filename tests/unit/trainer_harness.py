@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import datetime as dt
 import threading
 import uuid
 from collections.abc import Callable
@@ -157,6 +158,7 @@ def failure_record(
 ) -> dict[str, Any]:
     """What the OnFailure destination delivers when ``payload`` (invoked as ``request_id``) failed."""
     record = copy.deepcopy(FAILURE_RECORD)
+    record["timestamp"] = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")  # when it failed: now
     record["requestPayload"] = payload
     record["requestContext"]["requestId"] = request_id
     record["responsePayload"]["errorType"] = error_type

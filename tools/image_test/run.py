@@ -52,7 +52,7 @@ sys.path[:0] = [str(REPO_ROOT / "src" / "handler"), str(REPO_ROOT / "src"), str(
 
 from template_gate import LOCAL_OVERRIDE_ENV  # noqa: E402
 
-from localrun import dynamodb_local, environment, function, lambda_api, pool  # noqa: E402
+from localrun import dynamodb_local, environment, function, lambda_api, settings  # noqa: E402
 
 FUNCTION_ID = "TrainerFunction"  # sam local sets AWS_LAMBDA_FUNCTION_NAME to the logical ID
 EVENTS_DIR = REPO_ROOT / "events"
@@ -140,7 +140,7 @@ def s3_stand_in(objects: Mapping[str, bytes], host: str) -> Iterator[str]:
 def recorder_api(workdir: Path, host: str) -> Iterator[tuple[function.LocalFunction, str]]:
     """The local Invoke API on ``host`` with one function named like the trainer, whose handler only acknowledges."""
     with lambda_api.LambdaApiServer([], host=host) as api:
-        config = pool.FunctionConfig(
+        config = settings.FunctionSettings(
             name=FUNCTION_ID,
             handler="recorder.handle",
             code_dir=HERE,
@@ -151,11 +151,12 @@ def recorder_api(workdir: Path, host: str) -> Iterator[tuple[function.LocalFunct
                 status_table="unused",
                 lambda_endpoint_url=api.endpoint_url,
                 dynamodb_endpoint_url="http://127.0.0.1:9",
-                memory_mb=pool.DEFAULT_MEMORY_MB,
+                memory_mb=settings.DEFAULT_MEMORY_MB,
             ),
             unset_environment=environment.UNSET_FOR_HANDLER,
+            concurrency=2,
         )
-        with function.LocalFunction(config, concurrency=2) as recorder:
+        with function.LocalFunction(config) as recorder:
             api.add_function(recorder)
             yield recorder, api.endpoint_url
 
@@ -179,13 +180,19 @@ def seed_midrun(efs_root: Path, handler_env: Mapping[str, str]) -> None:
     if result.get("status") != "started":
         raise ImageTestError(f"seeding the mid-run fixture: start returned {result}")
     status = coordination.StatusTable.from_name(handler_env["STATUS_TABLE"])
-    for round_index in range(MIDRUN_ROUND):
+    for round_index in range(MIDRUN_ROUND):  # commits as a combine makes them, without the training
         run = status.get_run(RUN_ID)
-        status.advance_run(run, round_index + 1, (round_index + 1) // 2, coordination.RUNNING, {})
+        epochs_done = run.schedule.epochs_done_after(round_index)
+        metrics = coordination.RoundMetrics(
+            epochs_done=epochs_done, samples=0, train_loss=0.0, duration_s={}, bytes_read=0, bytes_written=0
+        )
+        token = f"seed{round_index + 1}"
+        status.commit_round(run, epochs_done, coordination.RUNNING, token, coordination.RunSummary(), metrics)
+    run = status.get_run(RUN_ID)
     layout = efs_layout.EfsLayout(efs_root)
-    target = layout.weights_path(RUN_ID, MIDRUN_ROUND)
+    target = layout.weights_path(RUN_ID, MIDRUN_ROUND, run.weights_token)
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(layout.weights_path(RUN_ID, 0), target)
+    shutil.copyfile(layout.weights_path(RUN_ID, 0, coordination.INITIAL_TOKEN), target)
 
 
 def build_fixture_image(base_image: str, efs_root: Path, tag: str) -> None:

@@ -56,6 +56,9 @@ def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
     """What happens when a round is complete: check, load, aggregate, evaluate, write, commit, follow up."""
     logs.bind_more(run_id=event.run_id, round=event.round_index)
     run = require_run(event.run_id, services)
+    if not run.owns(event):
+        logs.event(log, "stale_combine_ignored", reason="sent for a removed run of the same id")
+        return {"status": "ignored", "reason": "sent for another run of the same id"}
     if not run.is_current(event.round_index):
         if run.awaits_follow_up(event.round_index):  # the combine that committed died before its follow-up
             state = _follow_up(run, services)

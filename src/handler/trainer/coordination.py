@@ -15,6 +15,10 @@ Run item ``pk="RUN#<run>"``, ``sk="RUN"``
                        combine writes its own, the commit records the winner's, so committed files never change
     ``heartbeat_at``   written by every invocation that works on the run (the watchdog's progress signal)
     ``watchdog_resends``  how often the watchdog re-sent the current round (reset by every commit)
+    ``instance``       a random id of this run: events carry it, so events of a removed run with the same id
+                       never touch a new one
+    ``operator_at``    when an operator last stopped or resumed the run: an older failed stop or resume is not
+                       replayed over it
     ``active``         "1" while RUNNING or STOP_REQUESTED, absent after: the sparse index ``ActiveRuns``
     ``kind``           "RUN" on every run item (never on round items): with ``created_at`` the sparse index
                        ``Runs``, which lists runs newest first without scanning the table
@@ -44,6 +48,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -89,6 +94,16 @@ def round_key(run_id: str, round_index: int) -> dict[str, str]:
 
 def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def now_precise() -> str:
+    """Now to the millisecond (``operator_at`` is compared with failure records' millisecond timestamps)."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def new_instance() -> str:
+    """A random id for one run of an id: events carry it, so a removed run's events never touch a new run."""
+    return uuid.uuid4().hex[:12]
 
 
 def ended_run_condition() -> dict[str, Any]:
@@ -155,6 +170,8 @@ class RunStatus:
     updated_at: str | None = None
     heartbeat_at: str | None = None
     watchdog_resends: int = 0
+    instance: str = ""  # set by new(); events name it
+    operator_at: str | None = None
 
     @classmethod
     def new(
@@ -179,6 +196,7 @@ class RunStatus:
             num_train=num_train,
             dataset_sha256=dataset_sha256,
             export_bucket=export_bucket,
+            instance=new_instance(),
         )
 
     @functools.cached_property
@@ -193,6 +211,10 @@ class RunStatus:
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    def owns(self, event: Any) -> bool:
+        """Whether a worker or combine event was sent for this run (not for a removed run of the same id)."""
+        return event.instance is None or event.instance == self.instance
 
     def is_current(self, round_index: int) -> bool:
         """An event for ``round_index`` has work to do: the run is active and training that round."""
@@ -218,6 +240,7 @@ class RunStatus:
         """Refuse values no transition writes (a crafted or damaged item): ``ValueError`` naming the field."""
         check_name("run", self.run_id)
         check_name("weights_token", self.weights_token)
+        check_name("instance", self.instance)
         if self.state not in ACTIVE_STATES + TERMINAL_STATES:
             raise ValueError(
                 f"state must be one of {list(ACTIVE_STATES + TERMINAL_STATES)}, got {self.state!r}"
@@ -250,6 +273,7 @@ class RunStatus:
             "num_train": self.num_train,
             "weights_token": self.weights_token,
             "watchdog_resends": self.watchdog_resends,
+            "instance": self.instance,
             "schema": SCHEMA_VERSION,
             "kind": RUN_KIND,
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
@@ -262,6 +286,7 @@ class RunStatus:
             "export_bucket": self.export_bucket,
             "dataset_sha256": self.dataset_sha256,
             "heartbeat_at": self.heartbeat_at,
+            "operator_at": self.operator_at,
             "active": "1" if self.active else None,
         }
         item.update({name: value for name, value in optional.items() if value is not None})
@@ -299,6 +324,8 @@ class RunStatus:
                 updated_at=item.get("updated_at"),
                 heartbeat_at=item.get("heartbeat_at"),
                 watchdog_resends=int(item.get("watchdog_resends", 0)),
+                instance=str(item["instance"]),
+                operator_at=item.get("operator_at"),
             )
             run.check()
             return run
@@ -410,7 +437,7 @@ class StatusTable:
             f"run {run_id!r} does not exist or has already SUCCEEDED; nothing to resume",
             Key=run_key(run_id),
             UpdateExpression="SET #state = :running, generation = generation + :one, updated_at = :now, "
-            "heartbeat_at = :now, active = :active, watchdog_resends = :zero REMOVE reason",
+            "heartbeat_at = :now, active = :active, watchdog_resends = :zero, operator_at = :op REMOVE reason",
             ConditionExpression="attribute_exists(pk) AND #state <> :succeeded",
             ExpressionAttributeNames={"#state": "state"},
             ExpressionAttributeValues={
@@ -420,6 +447,7 @@ class StatusTable:
                 ":succeeded": SUCCEEDED,
                 ":active": "1",
                 ":zero": 0,
+                ":op": now_precise(),
             },
             ReturnValues="ALL_NEW",
         )
@@ -604,13 +632,15 @@ class StatusTable:
             "update_item",
             "run is not active",
             Key=run_key(run_id),
-            UpdateExpression="SET #state = :stopped, reason = :reason, updated_at = :now REMOVE active",
+            UpdateExpression="SET #state = :stopped, reason = :reason, updated_at = :now, operator_at = :op "
+            "REMOVE active",
             ConditionExpression="#state IN (:running, :stop)",
             ExpressionAttributeNames={"#state": "state"},
             ExpressionAttributeValues={
                 ":stopped": STOPPED,
                 ":reason": reason[:1000],
                 ":now": now_iso(),
+                ":op": now_precise(),
                 ":running": RUNNING,
                 ":stop": STOP_REQUESTED,
             },
@@ -646,14 +676,24 @@ class StatusTable:
             "update_item",
             "run is not RUNNING",
             Key=run_key(run_id),
-            UpdateExpression="SET #state = :stop, updated_at = :now",
+            UpdateExpression="SET #state = :stop, updated_at = :now, operator_at = :op",
             ConditionExpression="#state = :running",
             ExpressionAttributeNames={"#state": "state"},
-            ExpressionAttributeValues={":stop": STOP_REQUESTED, ":running": RUNNING, ":now": now_iso()},
+            ExpressionAttributeValues={
+                ":stop": STOP_REQUESTED,
+                ":running": RUNNING,
+                ":now": now_iso(),
+                ":op": now_precise(),
+            },
         )
 
     def fail_run(
-        self, run_id: str, reason: str, round_index: int | None = None, generation: int | None = None
+        self,
+        run_id: str,
+        reason: str,
+        round_index: int | None = None,
+        generation: int | None = None,
+        instance: str | None = None,
     ) -> bool:
         """Mark an active run FAILED with a reason. False if it had already ended, or (when given) is no longer
         at ``round_index`` in ``generation``: a failure of a stale event never fails the run."""
@@ -671,6 +711,9 @@ class StatusTable:
         if generation is not None:
             condition += " AND generation = :g"
             values[":g"] = generation
+        if instance is not None:
+            condition += " AND instance = :i"
+            values[":i"] = instance
         return self._transition(
             "update_item",
             "run is not active",

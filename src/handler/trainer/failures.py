@@ -9,11 +9,13 @@ copy already registered, a round already committed.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 from typing import Any
 
 from trainer import errors, housekeeping, logs, watchdog
 from trainer.coordination import FAILED, RunStatus
+from trainer.efs_layout import NAME_PATTERN
 from trainer.protocol import (
     CombineEvent,
     Event,
@@ -65,7 +67,9 @@ def handle_failure(record: FailureRecord, services: Services) -> dict[str, Any]:
         )
         return {"status": "ignored", "reason": f"{left_to_do} is left to the watchdog"}
     reason = f"{kind} of round {failed.round_index} failed {failed.attempt} times; last error: {record.error_message}"
-    services.status.fail_run(failed.run_id, reason, round_index=run.round_index, generation=run.generation)
+    services.status.fail_run(
+        failed.run_id, reason, round_index=run.round_index, generation=run.generation, instance=run.instance
+    )
     logs.event(log, "run_failed", level=logging.ERROR, reason=reason, failed_request_id=record.request_id)
     return {"status": FAILED.lower(), "reason": reason}
 
@@ -74,6 +78,8 @@ def _why_stale(failed: WorkerEvent | CombineEvent, run: RunStatus | None, servic
     """Why a failed worker or combine event no longer matters, or None if it still has work to do."""
     if run is None:
         return "the run does not exist"
+    if not run.owns(failed):
+        return "sent for a removed run of the same id"
     if failed.generation < run.generation:
         return f"sent in generation {failed.generation}; the run is in generation {run.generation}"
     if isinstance(failed, CombineEvent):
@@ -114,6 +120,10 @@ def _replay(record: FailureRecord, services: Services) -> dict[str, Any]:
         return {"status": "ignored", "reason": "the failed event is not one this function sends"}
     if "start" in payload and "run" not in payload and record.request_id:
         payload["run"] = default_run_id(record.request_id)  # the id the first attempt gave the run
+    overtaken = _overtaken_by_operator(payload, record, services)
+    if overtaken:
+        logs.event(log, "stale_failure_ignored", reason=overtaken, error=record.error_message)
+        return {"status": "ignored", "reason": overtaken}
     if record.attempt < REPLAY_MAX_ATTEMPTS:
         payload["attempt"] = record.attempt + 1
         services.invoker.invoke_async([payload])
@@ -129,10 +139,35 @@ def _replay(record: FailureRecord, services: Services) -> dict[str, Any]:
     logs.event(log, "replay_attempts_exhausted", level=logging.ERROR, reason=reason)
     run_id = _run_id_of(payload, services)
     run = services.status.get_run(run_id) if run_id else None
-    if run is not None and run.active and run.fanned_out < run.round_index:
+    # A start leaves work only while nothing of its run was sent; a resume (a new generation: its workers may or
+    # may not have gone out) always does.
+    unsent_start = run is not None and run.round_index == 0 and run.fanned_out < 0
+    if run is not None and run.active and (payload.get("resume") is True or unsent_start):
         action = watchdog.revive(run, services, cause=reason)
         return {"status": action, "reason": reason}
     return {"status": "ignored", "reason": reason}
+
+
+def _overtaken_by_operator(payload: dict[str, Any], record: FailureRecord, services: Services) -> str | None:
+    """A failed stop or resume is not replayed over what an operator did to the run after it failed."""
+    if "stop" not in payload and payload.get("resume") is not True:
+        return None
+    run_id = payload.get("run")
+    run = (
+        services.status.get_run(run_id)
+        if isinstance(run_id, str) and NAME_PATTERN.fullmatch(run_id)
+        else None
+    )
+    if run is None or run.operator_at is None or record.failed_at is None:
+        return None
+    try:
+        acted = dt.datetime.fromisoformat(run.operator_at)
+        failed = dt.datetime.fromisoformat(record.failed_at)
+    except ValueError:
+        return None
+    if acted > failed:
+        return f"an operator stopped or resumed run {run_id!r} after this event failed ({run.operator_at})"
+    return None
 
 
 def _run_id_of(payload: dict[str, Any], services: Services) -> str | None:
@@ -161,6 +196,10 @@ def fail_for_error(event: Event, error: errors.TrainingError, services: Services
         return
     reason = f"{type(error).__name__} in round {event.round_index}: {error}"
     if services.status.fail_run(
-        event.run_id, reason, round_index=event.round_index, generation=event.generation
+        event.run_id,
+        reason,
+        round_index=event.round_index,
+        generation=event.generation,
+        instance=event.instance,
     ):
         logs.event(log, "run_failed", level=logging.ERROR, reason=reason)

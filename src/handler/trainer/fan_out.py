@@ -19,7 +19,13 @@ def fan_out(run: RunStatus, round_index: int, services: Services) -> None:
     epochs_done = run.schedule.epoch_of(round_index)
     events = [
         WorkerEvent(
-            run.run_id, round_index, worker, run.config.workers, epochs_done, generation=run.generation
+            run.run_id,
+            round_index,
+            worker,
+            run.config.workers,
+            epochs_done,
+            generation=run.generation,
+            instance=run.instance,
         ).to_wire()
         for worker in range(run.config.workers)
     ]
@@ -33,7 +39,12 @@ def resend(run: RunStatus, services: Services) -> None:
     commit if that was cut short (the next round's fan-out, or finishing the run), else its current round."""
     if run.round_index > 0 and run.awaits_follow_up(run.round_index - 1):
         follow_up = CombineEvent(
-            run.run_id, run.round_index - 1, run.config.workers, run.epochs_done, generation=run.generation
+            run.run_id,
+            run.round_index - 1,
+            run.config.workers,
+            run.epochs_done,
+            generation=run.generation,
+            instance=run.instance,
         )
         services.invoker.invoke_async([follow_up.to_wire()])
         logs.event(log, "follow_up_invoked", round=run.round_index - 1)

@@ -75,6 +75,7 @@ class WorkerEvent:
     attempt: int = 1
     resume_step: int = 0  # > 0: a chained continuation that starts at this local step
     generation: int = 1
+    instance: str | None = None  # the run's random id (None: from a sample or an older sender)
 
     def to_wire(self) -> dict[str, Any]:
         wire = {
@@ -86,6 +87,8 @@ class WorkerEvent:
             "attempt": self.attempt,
             "generation": self.generation,
         }
+        if self.instance is not None:
+            wire["instance"] = self.instance
         if self.resume_step:
             wire["resume_step"] = self.resume_step
         return wire
@@ -99,9 +102,10 @@ class CombineEvent:
     epochs_done: int
     attempt: int = 1
     generation: int = 1
+    instance: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire = {
             "combine": True,
             "workers": self.num_workers,
             "epochsdone": self.epochs_done,
@@ -110,6 +114,9 @@ class CombineEvent:
             "attempt": self.attempt,
             "generation": self.generation,
         }
+        if self.instance is not None:
+            wire["instance"] = self.instance
+        return wire
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,7 @@ class FailureRecord:
     error_type: str | None
     request_id: str | None
     replay_payload: dict[str, Any] | None = None
+    failed_at: str | None = None  # the record's timestamp: when the invocation failed
 
     @property
     def attempt(self) -> int:
@@ -231,7 +239,7 @@ def _parse_worker(raw: Mapping[str, Any]) -> WorkerEvent:
     _expect_keys(
         raw,
         required={"workerno", "workers", "epochsdone", "run", "round"},
-        optional={"attempt", "resume_step", "generation"},
+        optional={"attempt", "resume_step", "generation", "instance"},
     )
     workers = _int(raw, "workers", 1, MAX_WORKERS)
     event = WorkerEvent(
@@ -243,13 +251,16 @@ def _parse_worker(raw: Mapping[str, Any]) -> WorkerEvent:
         attempt=_int(raw, "attempt", 1, 100, default=1),
         resume_step=_int(raw, "resume_step", 0, 10**9, default=0),
         generation=_int(raw, "generation", 1, 10**6, default=1),
+        instance=_instance(raw),
     )
     return event
 
 
 def _parse_combine(raw: Mapping[str, Any]) -> CombineEvent:
     _expect_keys(
-        raw, required={"combine", "workers", "epochsdone", "run", "round"}, optional={"attempt", "generation"}
+        raw,
+        required={"combine", "workers", "epochsdone", "run", "round"},
+        optional={"attempt", "generation", "instance"},
     )
     _require_true(raw, "combine")
     return CombineEvent(
@@ -259,7 +270,12 @@ def _parse_combine(raw: Mapping[str, Any]) -> CombineEvent:
         epochs_done=_int(raw, "epochsdone", 0, 10**6),
         attempt=_int(raw, "attempt", 1, 100, default=1),
         generation=_int(raw, "generation", 1, 10**6, default=1),
+        instance=_instance(raw),
     )
+
+
+def _instance(raw: Mapping[str, Any]) -> str | None:
+    return check_name("instance", raw["instance"]) if "instance" in raw else None
 
 
 def _parse_records(raw: Mapping[str, Any]) -> S3StartEvent | FailureRecord:
@@ -340,6 +356,7 @@ def _parse_failure_record(raw: Mapping[str, Any]) -> FailureRecord:
         error_type=error_type,
         request_id=context.get("requestId"),
         replay_payload=replay_payload,
+        failed_at=raw["timestamp"] if isinstance(raw.get("timestamp"), str) else None,
     )
 
 

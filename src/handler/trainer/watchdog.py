@@ -65,7 +65,7 @@ def revive(
             "and the function's logs)"
         )
         if services.status.fail_run(
-            run.run_id, reason, round_index=run.round_index, generation=run.generation
+            run.run_id, reason, round_index=run.round_index, generation=run.generation, instance=run.instance
         ):
             logs.event(log, "run_failed", level=logging.ERROR, run_id=run.run_id, reason=reason)
             return "failed"

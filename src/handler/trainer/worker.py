@@ -30,7 +30,7 @@ def run_worker(event: WorkerEvent, services: Services, context: Any) -> dict[str
     run = require_run(event.run_id, services)
     if event.num_workers != run.config.workers:
         raise InvalidEventError(f"workers {event.num_workers} does not match the run's {run.config.workers}")
-    if not run.is_current(event.round_index):
+    if not run.owns(event) or not run.is_current(event.round_index):
         return _stale(run)
     services.status.heartbeat(run.run_id)
     if services.layout.update_path(event.run_id, event.round_index, event.worker_index).exists():
@@ -79,27 +79,48 @@ def train_share(
         margin_s=services.environment.safety_margin_s,
     )
     steps_now = state.next_step - first_step
-    moved_on = _round_moved_on(event, services)  # a late copy must leave nothing that nobody will read
-    if moved_on is not None:
-        return _stale(moved_on)
+    over = _round_over(event, services)  # a late copy must leave nothing that nobody will read
+    if over is not None:
+        return _ignored(over)
     if not done:
         return _continue_later(event, run, model, state, steps_now, load_s, services)
     path = _write_update(event, run, model, global_weights, state, steps_now, load_s, services)
-    moved_on = _round_moved_on(event, services)
-    if moved_on is not None and path is not None:  # the round ended (and was cleaned up) while this one wrote
-        path.unlink(missing_ok=True)
-        return _stale(moved_on)
+    over = _round_over(event, services)
+    if over is not None and path is not None:  # the round ended (and was cleaned up) while this one wrote
+        _take_back(path, services.layout.run_dir(event.run_id))
+        return _ignored(over)
     return None
 
 
-def _round_moved_on(event: WorkerEvent, services: Services) -> RunStatus | None:
-    """The run as it is now if ``event``'s round is over (committed, or the run finished), else None. A run that
-    failed or was stopped at this round still wants the update: a resume reuses it."""
+def _round_over(event: WorkerEvent, services: Services) -> str | None:
+    """Why ``event``'s round is over (the run was removed, the id now names another run, the round was
+    committed, the run finished), or None. A run that failed or was stopped at this round still wants the
+    update: a resume reuses it."""
     fresh = services.status.get_run(event.run_id)
     if fresh is None:
-        raise InvalidEventError(f"run {event.run_id!r} does not exist any more")
-    over = fresh.round_index != event.round_index or fresh.state == SUCCEEDED
-    return fresh if over else None
+        return f"run {event.run_id!r} was removed"
+    if not fresh.owns(event):
+        return f"run {event.run_id!r} was removed and started again"
+    if fresh.round_index != event.round_index or fresh.state == SUCCEEDED:
+        return f"run is {fresh.state} at round {fresh.round_index}"
+    return None
+
+
+def _ignored(reason: str) -> dict[str, Any]:
+    logs.event(log, "stale_worker_event_ignored", reason=reason)
+    return {"status": "ignored", "reason": reason}
+
+
+def _take_back(path: Path, run_dir: Path) -> None:
+    """Delete a file this copy wrote after its round ended, and the folders that only it had created."""
+    path.unlink(missing_ok=True)
+    for folder in path.parents:
+        if folder == run_dir.parent:
+            break
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            break
 
 
 def _restore_local_state(
@@ -142,10 +163,10 @@ def _continue_later(
     began = time.perf_counter()
     partial_path = services.layout.partial_path(run.run_id, event.round_index, event.worker_index)
     size = save_arrays(partial_path, model.get_weights() + training.optimizer_state(model), state.to_meta())
-    moved_on = _round_moved_on(event, services)
-    if moved_on is not None:  # the round ended while this copy saved: nobody will continue from it
-        partial_path.unlink(missing_ok=True)
-        return _stale(moved_on)
+    over = _round_over(event, services)
+    if over is not None:  # the round ended while this copy saved: nobody will continue from it
+        _take_back(partial_path, services.layout.run_dir(event.run_id))
+        return _ignored(over)
     continuation = dataclasses.replace(event, resume_step=state.next_step)
     services.invoker.invoke_async([continuation.to_wire()])
     logs.event(
@@ -228,7 +249,12 @@ def _register(event: WorkerEvent, run: RunStatus, services: Services) -> dict[st
     ):
         return {"status": "trained", "done": len(done), "combine": "claimed elsewhere"}
     combine = CombineEvent(
-        event.run_id, event.round_index, run.config.workers, event.epochs_done, generation=run.generation
+        event.run_id,
+        event.round_index,
+        run.config.workers,
+        event.epochs_done,
+        generation=run.generation,
+        instance=run.instance,
     )
     services.invoker.invoke_async([combine.to_wire()])
     logs.event(log, "combine_invoked")
