@@ -4,6 +4,7 @@ a raised handler or a missing fan-out each fail the check."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -75,3 +76,17 @@ def test_only_runs_the_events_before_it_in_its_phase():
 def test_only_rejects_an_unknown_event():
     with pytest.raises(runner.ImageTestError, match="expected one of events/"):
         runner.selected(Path("events/nope.json"))
+
+
+def test_the_recording_invoke_api_accepts_the_trainers_fan_out(tmp_path):
+    """The image test's stand-in for the Lambda API runs without Docker: what the trainer in the container sends
+    is delivered to the recorder and kept in the function's history."""
+    import boto3
+
+    from localrun import environment
+
+    with runner.recorder_api(tmp_path, "127.0.0.1") as (recorder, endpoint_url):
+        client = boto3.client("lambda", **environment.client_settings(endpoint_url))
+        client.invoke(FunctionName=runner.FUNCTION_ID, InvocationType="Event", Payload=json.dumps(FAN_OUT[0]))
+        assert recorder.wait_idle(30)
+        assert [completed.event for completed in recorder.history] == [FAN_OUT[0]]
