@@ -26,6 +26,11 @@ from trainer import coordination, efs_layout, errors, protocol
 
 POLL_S = 2.0  # how often `watch` reads the status table
 HALT_REASON = "stopped at once by the operator (lambdatrain stop --now); the current round is lost"
+# `rm` where the run's EFS folder cannot be deleted (a stack) leaves this item under the run's partition key: the
+# trainer refuses to start a run whose folder exists, so the id cannot be used again, and `start` says so before
+# uploading anything. The trainer never reads it: its run item is ``sk = "RUN"``, its rounds ``sk = "ROUND#..."``,
+# and without ``kind`` or ``active`` the item is in neither index (`runs` does not list it).
+TOMBSTONE_SORT_KEY = "REMOVED"
 COMMANDS = ("runs", "status", "watch", "stop", "rm", "start", "resume")
 
 
@@ -64,7 +69,9 @@ def add_commands(commands: Any) -> None:
         "to 0, which halts every run of the stack",
     )
     remove = commands.add_parser(
-        "rm", parents=[where], help="delete a run that has ended: items and EFS files"
+        "rm",
+        parents=[where],
+        help="delete a run that has ended: items and (locally) EFS files; on a stack its id stays taken",
     )
     remove.add_argument("run", metavar="RUN")
     start = commands.add_parser(
@@ -113,8 +120,43 @@ def open_target(args: argparse.Namespace) -> targets.Target:
 def require_run(target: targets.Target, run_id: str) -> coordination.RunStatus:
     run = target.status.get_run(run_id)
     if run is None:
+        tombstone = get_tombstone(target.status, run_id)
+        if tombstone is not None:
+            raise OperatorError(
+                f"{describe_removed(target, run_id, tombstone)}; `lambdatrain runs` lists the runs"
+            )
         raise OperatorError(f"no run {run_id!r} in {target.name}; `lambdatrain runs` lists them")
     return run
+
+
+def tombstone_key(run_id: str) -> dict[str, str]:
+    return {"pk": coordination.run_key(run_id)["pk"], "sk": TOMBSTONE_SORT_KEY}
+
+
+def get_tombstone(status: coordination.StatusTable, run_id: str) -> dict[str, Any] | None:
+    """The item `rm` left for a run whose EFS folder it could not delete, or None."""
+    item = status.table.get_item(Key=tombstone_key(run_id), ConsistentRead=True).get("Item")
+    return dict(item) if item else None
+
+
+def describe_removed(target: targets.Target, run_id: str, tombstone: dict[str, Any]) -> str:
+    return (
+        f"run {run_id!r} was removed from {target.name} at {format_time(tombstone.get('removed_at'))} "
+        f"(lambdatrain rm), but its EFS folder {tombstone.get('efs_folder', f'runs/{run_id}/')} remains, so the "
+        "trainer refuses a new run with this id"
+    )
+
+
+def refuse_if_halted(target: targets.StackTarget, command: str) -> None:
+    """`stop --now` left the kill switch on: an event sent now is throttled for hours, then lost to the failure
+    queue (whose consumer is the same halted function). Refuse, with the command that lifts it."""
+    if target.kill_switch_on():
+        raise OperatorError(
+            f"the trainer {target.function_name} is halted (reserved concurrency 0, the kill switch of "
+            f"`lambdatrain stop --now`), so Lambda would run nothing and the {command} would be lost; nothing sent. "
+            f"Lift it first with: {target.undo_kill_switch_command()}  (every run of stack {target.stack_name} "
+            "can then be invoked again), then run this command again"
+        )
 
 
 # --- runs -----------------------------------------------------------------------------------------------
@@ -262,10 +304,10 @@ def stop_run(target: targets.Target, args: argparse.Namespace) -> int:
                 f"which halts EVERY run of stack {target.stack_name} and the failure-queue consumer",
                 file=sys.stderr,
             )
+            # The undo comes first: `resume` (and `start`) refuse while the kill switch is on.
             print(
-                f"undo with: aws lambda delete-function-concurrency --function-name {target.function_name} "
-                f"--region {target.region}  (the next deploy resets it too)",
-                file=sys.stderr,
+                f"undo with: {target.undo_kill_switch_command()}  (first, before any resume or start; the next "
+                "deploy resets it too)"
             )
         print(f"resume with: lambdatrain resume {args.run} {target.option_args()}")
         return 0
@@ -282,23 +324,35 @@ def stop_run(target: targets.Target, args: argparse.Namespace) -> int:
 
 
 def remove_run(target: targets.Target, args: argparse.Namespace) -> int:
+    if target.efs_root is None and target.status.get_run(args.run) is None:
+        tombstone = get_tombstone(target.status, args.run)
+        if tombstone is not None:  # removed before; a second rm finishes what an interrupted one left
+            deleted = delete_run_items(target.status, args.run)
+            print(f"run {args.run}: already removed; deleted {deleted} items left from it")
+            print_burnt_id(target, args.run)
+            return 0
     run = require_run(target, args.run)
     if run.active:
         raise OperatorError(
             f"run {args.run} is {run.state}; stop it first: lambdatrain stop {args.run} {target.option_args()}"
         )
-    deleted = delete_run_items(target.status, args.run)
-    print(f"run {args.run}: deleted {deleted} items from the status table")
     if target.efs_root is not None:
+        deleted = delete_run_items(target.status, args.run, remove_run_item=True)
+        print(f"run {args.run}: deleted {deleted} items from the status table")
         run_dir = efs_layout.EfsLayout(target.efs_root).run_dir(args.run)
         if run_dir.exists():
             shutil.rmtree(run_dir)
             print(f"run {args.run}: deleted {run_dir}")
         return 0
-    if not isinstance(target, targets.StackTarget):
-        return 0
+    # The EFS folder stays (not reachable from here), and the trainer refuses to start a run in an existing
+    # folder: the run item becomes a tombstone, so that `start` refuses the id instead of uploading a start
+    # the trainer drops.
+    file_system_id = getattr(target, "file_system_id", None)
+    replace_with_tombstone(target.status, run, file_system_id)
+    deleted = 1 + delete_run_items(target.status, args.run)
+    print(f"run {args.run}: deleted {deleted} items from the status table")
     remains = [
-        f"its EFS files under runs/{args.run}/ on file system {target.file_system_id or '(see the stack)'} "
+        f"its EFS files under runs/{args.run}/ on file system {file_system_id or '(see the stack)'} "
         "(EFS is not reachable from this machine; the trainer's clean-up already removed all but config.json, "
         "final.keras and what a resume needs)"
     ]
@@ -306,24 +360,81 @@ def remove_run(target: targets.Target, args: argparse.Namespace) -> int:
         remains.append(f"its exported model {run.summary.final_model_s3}")
     for line in remains:
         print(f"kept: {line}")
+    print_burnt_id(target, args.run)
     return 0
 
 
-def delete_run_items(status: coordination.StatusTable, run_id: str) -> int:
-    """Delete the run item if the run has ended (else nothing, an error), then its round items."""
-    table = status.table
+def print_burnt_id(target: targets.Target, run_id: str) -> None:
+    file_system_id = getattr(target, "file_system_id", None) or "(the stack's FileSystemId output)"
+    region = getattr(target, "region", None)
+    key = json.dumps({"pk": {"S": tombstone_key(run_id)["pk"]}, "sk": {"S": TOMBSTONE_SORT_KEY}})
+    print(
+        f"run {run_id}: the id cannot be used for a new run on {target.name}: its EFS folder runs/{run_id}/ remains "
+        "and the trainer refuses to start a run in an existing folder (a new run must not inherit the old "
+        "final.keras); `lambdatrain start` refuses it. Use another --run."
+    )
+    print(
+        f"to free the id anyway: delete runs/{run_id}/ from a Lambda function or an EC2 instance that mounts file "
+        f"system {file_system_id} (e.g. rm -rf /mnt/efs/runs/{run_id} where it is mounted at /mnt/efs), then the "
+        f"tombstone: aws dynamodb delete-item --table-name {target.status.table.name} --key '{key}'"
+        + (f" --region {region}" if region else "")
+    )
+
+
+def replace_with_tombstone(
+    status: coordination.StatusTable, run: coordination.RunStatus, file_system_id: str | None
+) -> None:
+    """In one transaction: delete the run item if the run has ended (else nothing, an error), write the tombstone."""
+    tombstone = {
+        **tombstone_key(run.run_id),
+        "removed_at": coordination.now_iso(),
+        "removed_state": run.state,
+        "created_at_before": run.created_at or "",
+        "efs_folder": f"runs/{run.run_id}/",
+        "note": "lambdatrain rm: the run's items are deleted, its EFS folder remains; the id cannot start a new run",
+    }
+    if file_system_id:
+        tombstone["file_system_id"] = file_system_id
+    condition = coordination.ended_run_condition()
     try:
-        table.delete_item(Key=coordination.run_key(run_id), **coordination.ended_run_condition())
+        status.table.meta.client.transact_write_items(
+            TransactItems=[
+                {
+                    "Delete": {
+                        "TableName": status.table.name,
+                        "Key": coordination.run_key(run.run_id),
+                        **condition,
+                    }
+                },
+                {"Put": {"TableName": status.table.name, "Item": tombstone}},
+            ]
+        )
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-            raise OperatorError(f"run {run_id} is gone or became active; nothing deleted") from exc
+        if exc.response.get("Error", {}).get("Code") == "TransactionCanceledException":
+            raise OperatorError(f"run {run.run_id} is gone or became active; nothing deleted") from exc
         raise
-    deleted = 1
+
+
+def delete_run_items(status: coordination.StatusTable, run_id: str, remove_run_item: bool = False) -> int:
+    """With ``remove_run_item``: delete the run item if the run has ended (else nothing, an error). Then delete
+    the rest of the run's items (its rounds), never its tombstone. Returns how many were deleted."""
+    table = status.table
+    deleted = 0
+    if remove_run_item:
+        try:
+            table.delete_item(Key=coordination.run_key(run_id), **coordination.ended_run_condition())
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                raise OperatorError(f"run {run_id} is gone or became active; nothing deleted") from exc
+            raise
+        deleted = 1
     query = coordination.run_items_query(run_id)
     with table.batch_writer() as batch:
         while True:
             page = table.query(**query)
             for key in page.get("Items", []):
+                if key["sk"] in (TOMBSTONE_SORT_KEY, coordination.RUN_SORT_KEY):
+                    continue
                 batch.delete_item(Key=key)
                 deleted += 1
             if "LastEvaluatedKey" not in page:
@@ -343,6 +454,10 @@ def start_run(target: targets.Target, args: argparse.Namespace) -> int:
     run_id = event["run"]
     if target.status.get_run(run_id) is not None:
         raise OperatorError(f"run {run_id!r} already exists in {target.name}; pick another --run")
+    tombstone = get_tombstone(target.status, run_id)
+    if tombstone is not None:
+        raise OperatorError(f"{describe_removed(target, run_id, tombstone)}; pick another --run")
+    refuse_if_halted(target, "start")
     if args.invoke:
         target.send_event(event)
         print(f"run {run_id}: start event sent to {target.function_name}")
@@ -360,6 +475,7 @@ def resume_run(target: targets.Target, args: argparse.Namespace) -> int:
     run = require_run(target, args.run)
     if run.state == coordination.SUCCEEDED or run.active:
         raise OperatorError(f"run {args.run} is {run.state}; only a STOPPED or FAILED run can be resumed")
+    refuse_if_halted(target, "resume")
     target.send_event({"start": True, "run": args.run, "resume": True})
     print(f"run {args.run}: resume event sent to {target.function_name}")
     print(f"watch with: lambdatrain watch {args.run} {target.option_args()}")

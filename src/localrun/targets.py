@@ -119,6 +119,20 @@ class StackTarget(Target):
             raise OperatorError(f"uploading s3://{self.bucket}/{key} failed: {exc}") from exc
         return f"s3://{self.bucket}/{key}"
 
+    def undo_kill_switch_command(self) -> str:
+        """The command that lifts the kill switch of ``stop --now`` (deletes the trainer's reserved concurrency)."""
+        return f"aws lambda delete-function-concurrency --function-name {self.function_name} --region {self.region}"
+
+    def kill_switch_on(self) -> bool:
+        """Whether the trainer's reserved concurrency is 0 (``stop --now``): Lambda then runs no invocation of it."""
+        try:
+            reserved = self.lambda_client.get_function_concurrency(FunctionName=self.function_name)
+        except (BotoCoreError, ClientError) as exc:
+            raise OperatorError(
+                f"reading the reserved concurrency of {self.function_name} failed (nothing sent): {exc}"
+            ) from exc
+        return reserved.get("ReservedConcurrentExecutions") == 0
+
     def stop_all_invocations(self) -> None:
         """The kill switch: reserved concurrency 0, so Lambda runs no invocation of the trainer at all."""
         try:

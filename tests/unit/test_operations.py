@@ -11,6 +11,7 @@ Runs are fakes made with :class:`trainer.coordination.StatusTable` methods.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import json
@@ -27,8 +28,11 @@ import pytest
 from moto import mock_aws
 
 from localrun import cli, dynamodb_local, operations, targets
+from localrun.errors import OperatorError
 from trainer import coordination
 from trainer.config import TrainConfig
+from trainer.errors import LayoutError
+from trainer_harness import Harness
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO_ROOT / "template.yaml"
@@ -417,10 +421,71 @@ def test_stop_now_marks_the_run_stopped_and_on_a_stack_applies_the_kill_switch(
     concurrency = place.lambda_client.get_function_concurrency(FunctionName=FUNCTION)
     assert concurrency["ReservedConcurrentExecutions"] == 0
     assert f"halts EVERY run of stack {STACK} and the failure-queue consumer" in captured.err
+    out = captured.out.splitlines()
+    undo = next(i for i, line in enumerate(out) if line.startswith("undo with: "))
+    resume = next(i for i, line in enumerate(out) if line.startswith("resume with: "))
+    assert undo < resume  # the kill switch must be lifted before the resume can do anything
+    assert out[undo].startswith(UNDO)
+
+
+UNDO = f"undo with: aws lambda delete-function-concurrency --function-name {FUNCTION} --region {REGION}"
+HALTED = (
+    f"the trainer {FUNCTION} is halted (reserved concurrency 0, the kill switch of `lambdatrain stop --now`)"
+)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["resume", "halted"], ["start", "--workers", "2", "--run", "new"], ["start", "--workers", "2", "--run", "new", "--invoke"]],
+    ids=["resume", "start-upload", "start-invoke"],
+)  # fmt: skip
+def test_resume_and_start_on_a_halted_stack_are_refused_with_the_undo_command(
+    stack_place: Place, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`stop --now` leaves reserved concurrency 0: an event sent now would be throttled for hours, then land in a
+    failure queue whose consumer is halted too. Refused with the command that lifts the kill switch."""
+    new_run(stack_place.status, "halted", "2026-11-27T09:00:00+00:00")
+    assert stack_place.main("stop", "halted", "--now") == 0
+    capsys.readouterr()
+    before = items(stack_place.status)
+
+    assert stack_place.main(*argv) == 1
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {HALTED}"), err
     assert (
-        f"undo with: aws lambda delete-function-concurrency --function-name {FUNCTION} --region {REGION}"
-        in captured.err
+        f"Lift it first with: aws lambda delete-function-concurrency --function-name {FUNCTION} --region {REGION}"
+        in err[0]
     )
+    assert stack_place.invocations == []
+    assert stack_place.s3_client.list_objects_v2(Bucket=BUCKET).get("KeyCount") == 0
+    assert items(stack_place.status) == before
+
+    # once the kill switch is lifted (the printed command), the same command goes through
+    stack_place.lambda_client.delete_function_concurrency(FunctionName=FUNCTION)
+    assert stack_place.main(*argv) == 0
+    assert (
+        stack_place.invocations or stack_place.s3_client.list_objects_v2(Bucket=BUCKET).get("KeyCount") == 1
+    )
+
+
+def test_resume_after_stop_now_on_a_stack_does_not_send_into_the_kill_switch(
+    stack_place: Place, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The second hostile review's scenario C, as it was written (branch review2)."""
+    new_run(stack_place.status, "halted", "2026-11-27T09:00:00+00:00")
+    assert stack_place.main("stop", "halted", "--now") == 0
+    assert "resume with: lambdatrain resume halted" in capsys.readouterr().out
+    code = stack_place.main("resume", "halted")
+    captured = capsys.readouterr()
+    concurrency = stack_place.lambda_client.get_function_concurrency(FunctionName=FUNCTION)
+    kill_switch_on = concurrency.get("ReservedConcurrentExecutions") == 0
+    assert not (code == 0 and kill_switch_on and "concurrency" not in captured.err + captured.out), (
+        code,
+        captured.out,
+        captured.err,
+    )
+    assert code == 1 and stack_place.invocations == []
 
 
 # --- rm ---------------------------------------------------------------------------------------------------
@@ -437,14 +502,69 @@ def test_rm_deletes_an_ended_runs_items_and_local_efs_files(
 
     assert place.main("rm", "done") == 0
 
-    assert [item["pk"] for item in items(place.status)] == ["RUN#other"]
     out = capsys.readouterr().out
     assert "run done: deleted 5 items from the status table" in out
-    if place.kind == "local":
+    if place.kind == "local":  # the folder is gone too: the id can be used again
+        assert [item["pk"] for item in items(place.status)] == ["RUN#other"]
         assert not run_dir.exists()
-    else:  # the stack's EFS is not reachable from here: named, not touched
-        assert run_dir.exists()
-        assert "kept: its EFS files under runs/done/ on file system fs-0123456789abcdef0" in out
+        return
+    # the stack's EFS is not reachable from here: named, not touched; the id is burnt, and a tombstone says so
+    assert run_dir.exists()
+    assert [(item["pk"], item["sk"]) for item in items(place.status)] == [
+        ("RUN#done", "REMOVED"),
+        ("RUN#other", "RUN"),
+    ]
+    assert "kept: its EFS files under runs/done/ on file system fs-0123456789abcdef0" in out
+    assert (
+        f"run done: the id cannot be used for a new run on stack {STACK} ({REGION}): its EFS folder runs/done/ remains"
+        in out
+    )
+    assert (
+        "delete runs/done/ from a Lambda function or an EC2 instance that mounts file system fs-0123456789abcdef0"
+        in out
+    )
+    assert (
+        f"""aws dynamodb delete-item --table-name {place.status.table.name} """
+        f"""--key '{{"pk": {{"S": "RUN#done"}}, "sk": {{"S": "REMOVED"}}}}' --region {REGION}"""
+    ) in out
+
+
+def test_a_run_id_removed_on_a_stack_is_refused_by_start_and_hidden_from_runs(
+    stack_place: Place, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After `rm --stack` the run's EFS folder remains, and the trainer refuses to start a run in an existing
+    folder (it must: final.keras is written once, a new run would keep the old model). `start --run ID` refuses
+    the id before uploading anything; `runs` does not list it; `status` and a second `rm` say what happened."""
+    succeeded_run(stack_place.status, "done", "2026-11-27T09:00:00+00:00")
+    assert stack_place.main("rm", "done") == 0
+    capsys.readouterr()
+    before = items(stack_place.status)
+
+    for argv in (
+        ["start", "--workers", "2", "--run", "done"],
+        ["start", "--workers", "2", "--run", "done", "--invoke"],
+    ):
+        assert stack_place.main(*argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(
+            f"error: run 'done' was removed from stack {STACK} ({REGION}) at "
+        ), err
+        assert (
+            "(lambdatrain rm), but its EFS folder runs/done/ remains, so the trainer refuses a new run with this id; pick another --run"
+            in err[0]
+        )
+    assert stack_place.invocations == []
+    assert stack_place.s3_client.list_objects_v2(Bucket=BUCKET).get("KeyCount") == 0
+
+    assert stack_place.main("runs") == 0
+    captured = capsys.readouterr()
+    assert "done" not in captured.out and "no runs in" in captured.err
+    assert stack_place.main("status", "done") == 1
+    assert "error: run 'done' was removed from stack" in capsys.readouterr().err
+    assert stack_place.main("rm", "done") == 0  # nothing left to delete; says again why the id is burnt
+    assert "run done: already removed; deleted 0 items" in capsys.readouterr().out
+    assert items(stack_place.status) == before
+    assert stack_place.main("start", "--workers", "2", "--run", "fresh") == 0  # another id goes through
 
 
 # --- start, resume ----------------------------------------------------------------------------------------
@@ -634,3 +754,45 @@ def test_a_stack_without_a_region_is_one_error_line(
 ) -> None:
     assert cli.main(["runs", "--stack", STACK]) == 1
     assert capsys.readouterr().err == "error: no AWS region configured; pass --region (or set AWS_REGION)\n"
+
+
+# --- the trainer's side of a removed run (its real handler, in the harness of the trainer's tests) -------------
+
+
+class HarnessTarget(targets.Target):
+    """The operator commands' view of the harness's table, with no reachable EFS (``efs_root`` None): what a
+    stack gives `rm`."""
+
+    def __init__(self, harness: Harness) -> None:
+        self.name = "harness"
+        self.status = harness.status
+        self.efs_root = None
+
+    def option_args(self) -> str:
+        return "--stack harness"
+
+
+def test_the_trainer_refuses_to_start_a_run_id_removed_on_a_stack(harness: Harness) -> None:
+    """The second hostile review's scenario D (branch review2), adapted: it expected the id to be reusable after
+    `rm --stack`. It is not, on purpose: the folder stays, and the trainer must not start a new run in it
+    (final.keras is written once: a new run would keep the old model). What is checked instead: the trainer's
+    start of that id fails with a clear reason and writes nothing (it never reads the tombstone `rm` leaves), the
+    tombstone survives, and the operator's view refuses the id."""
+    event = {"start": True, "run": "again", "workers": 2, "epochs": 1, "rounds_per_epoch": 1}
+    harness.invoke(event)
+    harness.drain()
+    assert harness.run("again").state == "SUCCEEDED"
+    target = HarnessTarget(harness)
+
+    assert operations.remove_run(target, argparse.Namespace(command="rm", run="again")) == 0
+
+    assert harness.status.get_run("again") is None
+    assert harness.layout.run_dir("again").exists()
+    assert operations.get_tombstone(harness.status, "again") is not None
+    with pytest.raises(LayoutError, match="already exists but the status table has no run 'again'"):
+        harness.invoke(event)
+    assert harness.status.get_run("again") is None and not harness.invoker.queue
+    assert operations.get_tombstone(harness.status, "again") is not None
+    assert "again" not in [run.run_id for run in harness.status.list_runs().runs]
+    with pytest.raises(OperatorError, match=r"was removed from harness .* so the trainer refuses a new run"):
+        operations.require_run(target, "again")
