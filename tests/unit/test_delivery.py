@@ -25,30 +25,18 @@ from trainer.errors import (
     LayoutError,
 )
 from trainer.protocol import parse_event
-from trainer_harness import FakeContext, Harness, failure_record, start_event, write_synthetic_dataset
+from trainer_harness import (
+    Crash,
+    FakeContext,
+    Harness,
+    Throttled,
+    failure_record,
+    run_files,
+    start_event,
+    write_synthetic_dataset,
+)
 
 LATER = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)  # past any watchdog bound
-
-
-class Throttled:
-    """Within the block, every asynchronous invocation the handler makes is refused."""
-
-    def __init__(self, harness: Harness) -> None:
-        self.invoker = harness.invoker
-
-    def __enter__(self) -> None:
-        def refuse(*args: Any) -> None:
-            raise InvocationError("TooManyRequestsException")
-
-        self.invoker.invoke_async = refuse
-
-    def __exit__(self, *exc_info: object) -> None:
-        del self.invoker.invoke_async
-
-
-def run_files(harness: Harness, run_id: str) -> list[str]:
-    run_dir = harness.layout.run_dir(run_id)
-    return sorted(str(path.relative_to(run_dir)) for path in run_dir.rglob("*") if path.is_file())
 
 
 # --- 1, 2: starts and stops ---------------------------------------------------------------------------------
@@ -285,10 +273,6 @@ def test_a_run_item_that_is_not_a_valid_run_is_refused_clearly(
 
 
 # --- the whole: a seeded random schedule ---------------------------------------------------------------------
-
-
-class Crash(Exception):
-    """A sandbox that died: not one of the trainer's errors, so Lambda and the trainer retry it."""
 
 
 class Chaos:

@@ -21,43 +21,10 @@ from trainer import combine as combine_flow
 from trainer import watchdog
 from trainer import worker as worker_flow
 from trainer.errors import InvalidEventError, InvocationError, LayoutError
-from trainer_harness import Harness, failure_record, start_event
+from trainer_harness import Crash, Harness, Throttled, deliver_until, failure_record, run_files, start_event
 
 LATER = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)  # past any watchdog bound
 BUCKET = "lambdatrain-123456789012-us-east-1"
-
-
-class Crash(Exception):
-    """A killed sandbox: not one of the trainer's errors (retryable)."""
-
-
-class Throttled:
-    """Within the block, every asynchronous invocation the handler makes is refused."""
-
-    def __init__(self, harness: Harness) -> None:
-        self.invoker = harness.invoker
-
-    def __enter__(self) -> None:
-        def refuse(*args: Any) -> None:
-            raise InvocationError("TooManyRequestsException")
-
-        self.invoker.invoke_async = refuse
-
-    def __exit__(self, *exc_info: object) -> None:
-        del self.invoker.invoke_async
-
-
-def deliver_until(harness: Harness, predicate) -> dict[str, Any]:
-    for _ in range(200):
-        if predicate(harness.invoker.queue[0]):
-            return harness.invoker.queue.popleft()
-        harness.invoke(harness.invoker.queue.popleft())
-    raise AssertionError("no such event was queued")
-
-
-def run_files(harness: Harness, run_id: str) -> list[str]:
-    run_dir = harness.layout.run_dir(run_id)
-    return sorted(str(path.relative_to(run_dir)) for path in run_dir.rglob("*") if path.is_file())
 
 
 # --- DEFECT 1: a late clean-up deletes the next round's committed weights ------------------------------------

@@ -20,25 +20,9 @@ from localrun.errors import OperatorError
 from trainer import watchdog
 from trainer import worker as worker_flow
 from trainer.errors import InvocationError, LayoutError
-from trainer_harness import Harness, failure_record, start_event
+from trainer_harness import Harness, Throttled, failure_record, run_files, start_event
 
 LATER = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
-
-
-class Throttled:
-    """Within the block, every asynchronous invocation the handler makes is refused."""
-
-    def __init__(self, harness: Harness) -> None:
-        self.invoker = harness.invoker
-
-    def __enter__(self) -> None:
-        def refuse(*args: Any) -> None:
-            raise InvocationError("TooManyRequestsException")
-
-        self.invoker.invoke_async = refuse
-
-    def __exit__(self, *exc_info: object) -> None:
-        del self.invoker.invoke_async
 
 
 class HarnessTarget(targets.Target):
@@ -61,11 +45,6 @@ class HarnessTarget(targets.Target):
 def operator(harness: Harness, command: str, run_id: str, **options: Any) -> int:
     args = argparse.Namespace(command=command, run=run_id, **options)
     return operations.COMMAND_FUNCTIONS[command](HarnessTarget(harness), args)
-
-
-def run_files(harness: Harness, run_id: str) -> list[str]:
-    run_dir = harness.layout.run_dir(run_id)
-    return sorted(str(path.relative_to(run_dir)) for path in run_dir.rglob("*") if path.is_file())
 
 
 def fail_at_round_0_after_fan_out(harness: Harness, run_id: str) -> None:

@@ -12,33 +12,7 @@ import pytest
 
 from trainer import combine as combine_flow
 from trainer.errors import InvalidEventError, InvocationError, LayoutError
-from trainer_harness import FakeContext, Harness, failure_record, start_event
-
-
-def deliver_until(harness: Harness, predicate) -> dict[str, Any]:
-    """Deliver queued events until the next one satisfies ``predicate``; pop and return that one."""
-    for _ in range(200):
-        if predicate(harness.invoker.queue[0]):
-            return harness.invoker.queue.popleft()
-        harness.invoke(harness.invoker.queue.popleft())
-    raise AssertionError("no such event was queued")
-
-
-def refuse_invocations(*args: Any) -> None:
-    raise InvocationError("TooManyRequestsException")
-
-
-class Throttled:
-    """Within the block, every asynchronous invocation the handler makes is refused."""
-
-    def __init__(self, harness: Harness) -> None:
-        self.invoker = harness.invoker
-
-    def __enter__(self) -> None:
-        self.invoker.invoke_async = refuse_invocations
-
-    def __exit__(self, *exc_info: object) -> None:
-        del self.invoker.invoke_async  # back to the class's method
+from trainer_harness import FakeContext, Harness, Throttled, deliver_until, failure_record, start_event
 
 
 def test_combine_that_dies_after_its_commit_is_finished_by_its_retry(harness: Harness, monkeypatch) -> None:

@@ -164,3 +164,43 @@ def failure_record(
     record["responsePayload"]["errorType"] = error_type
     record["responsePayload"]["errorMessage"] = message
     return record
+
+
+# --- scenario helpers shared by the delivery tests ------------------------------------------------------------
+
+
+class Crash(Exception):
+    """A sandbox that died: not one of the trainer's errors, so Lambda and the trainer retry it."""
+
+
+class Throttled:
+    """Within the block, every asynchronous invocation the handler makes is refused (as a throttled Invoke)."""
+
+    def __init__(self, harness: Harness) -> None:
+        self.invoker = harness.invoker
+
+    def __enter__(self) -> None:
+        def refuse(*args: Any) -> None:
+            from trainer.errors import InvocationError
+
+            raise InvocationError("TooManyRequestsException")
+
+        self.invoker.invoke_async = refuse
+
+    def __exit__(self, *exc_info: object) -> None:
+        del self.invoker.invoke_async  # back to the class's method
+
+
+def deliver_until(harness: Harness, predicate: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    """Deliver queued events until the next one satisfies ``predicate``; pop and return that one."""
+    for _ in range(200):
+        if predicate(harness.invoker.queue[0]):
+            return harness.invoker.queue.popleft()
+        harness.invoke(harness.invoker.queue.popleft())
+    raise AssertionError("no such event was queued")
+
+
+def run_files(harness: Harness, run_id: str) -> list[str]:
+    """Every file under the run's EFS folder, relative to it."""
+    run_dir = harness.layout.run_dir(run_id)
+    return sorted(str(path.relative_to(run_dir)) for path in run_dir.rglob("*") if path.is_file())
