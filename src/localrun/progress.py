@@ -47,7 +47,11 @@ class Snapshot:
 
     @property
     def epochs_done(self) -> int:
-        return self.run.epochs_done if self.run else 0
+        """Epochs complete among the completed rounds read (not the run item's, which is read separately and
+        may already count a round committed after the round items were read)."""
+        if not self.run:
+            return 0
+        return min(self.run.config.epochs, len(self.completed_rounds) // self.run.schedule.rounds_per_epoch)
 
     def latest(self, metric: str) -> float | None:
         """The newest value of a :class:`~trainer.coordination.RoundMetrics` field among completed rounds (test

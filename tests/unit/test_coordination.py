@@ -12,6 +12,7 @@ from trainer.coordination import (
     STOP_REQUESTED,
     STOPPED,
     RoundMetrics,
+    RoundRecord,
     RunStatus,
     RunSummary,
     StatusTable,
@@ -232,3 +233,17 @@ def test_halt_stops_an_active_run_at_once_with_the_reason(status: StatusTable) -
     assert (run.state, run.reason, run.active) == (STOPPED, "stopped at once by the operator", False)
     assert "r1" not in status.list_active_run_ids()
     assert status.resume_run("r1").state == "RUNNING"
+
+
+def test_progress_counts_epochs_from_the_rounds_it_read() -> None:
+    """The bar's epoch agrees with its round count even when the run item was read before a commit."""
+    from localrun import progress
+
+    run = run_at(round_index=2, fanned_out=2)  # 2 rounds per epoch
+    rounds = [
+        RoundRecord("r", index, done=frozenset({0, 1}), completed_at="2026-01-01T00:00:00+00:00")
+        for index in range(3)
+    ]
+    stale_run = dataclasses.replace(run, epochs_done=0)
+    assert progress.Snapshot("r", stale_run, rounds).epochs_done == 1
+    assert progress.Snapshot("r", stale_run, rounds[:1]).epochs_done == 0
