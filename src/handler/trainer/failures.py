@@ -1,9 +1,11 @@
 """Failed events: failure records from the ``OnFailure`` destination, and errors that end a run at once.
 
 A failure record re-dispatches the failed event with the next attempt number, or marks the run FAILED once its
-attempts are used up. Records that no longer matter are ignored: errors a retry cannot fix (see
-``errors.TrainingError.retryable``), events of an older generation (from before a resume), a worker whose other
-copy already registered, a round already committed.
+attempts are used up; work already done (an update written, a round committed) never fails the run: beyond its
+attempts it is left to the watchdog. Records that no longer matter are ignored: errors a retry cannot fix (see
+``errors.TrainingError.retryable``), events of a removed run or of an older generation (from before a resume or a
+re-send), a registered worker that can no longer owe the combine's invocation, a round already committed, a stop
+or resume an operator has since overridden. A start or resume whose replays are used up goes to the watchdog.
 """
 
 from __future__ import annotations
