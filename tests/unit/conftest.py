@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
+from moto import mock_aws
 
-from trainer_harness import Harness, write_synthetic_dataset
+from trainer_harness import BUCKET, Harness, write_synthetic_dataset
 
 
 @pytest.fixture
@@ -20,3 +22,13 @@ def synthetic_efs(efs_root: Path) -> Path:
 @pytest.fixture
 def harness(synthetic_efs: Path, table: Any, aws_env: None, monkeypatch: pytest.MonkeyPatch) -> Harness:
     return Harness(synthetic_efs, table, monkeypatch)
+
+
+@pytest.fixture
+def bucket(harness: Harness) -> Any:
+    """A moto bucket ``BUCKET`` that the harness's handler reads start objects from and exports models to."""
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        harness.services.s3 = client
+        yield client

@@ -12,19 +12,26 @@ import json
 from pathlib import Path
 from typing import Any
 
-import boto3
 import numpy as np
 import pytest
-from moto import mock_aws
 
 from trainer import combine as combine_flow
 from trainer import watchdog
 from trainer import worker as worker_flow
 from trainer.errors import InvalidEventError, InvocationError, LayoutError
-from trainer_harness import Crash, Harness, Throttled, deliver_until, failure_record, run_files, start_event
+from trainer_harness import (
+    BUCKET,
+    Crash,
+    Harness,
+    Throttled,
+    deliver_until,
+    failure_record,
+    run_files,
+    s3_event,
+    start_event,
+)
 
 LATER = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)  # past any watchdog bound
-BUCKET = "lambdatrain-123456789012-us-east-1"
 
 
 # --- DEFECT 1: a late clean-up deletes the next round's committed weights ------------------------------------
@@ -207,21 +214,6 @@ def test_a_run_resumed_after_the_watchdog_failed_it_gets_its_resends_again(harne
 
 
 # --- DEFECT 6: an S3 start whose body names its run is never failed -------------------------------------------
-
-
-@pytest.fixture
-def bucket(harness: Harness) -> Any:
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket=BUCKET)
-        harness.services.s3 = client
-        yield client
-
-
-def s3_event(key: str) -> dict[str, Any]:
-    event = json.loads((Path(__file__).resolve().parents[2] / "events" / "s3_put.json").read_text())
-    event["Records"][0]["s3"]["object"]["key"] = key
-    return event
 
 
 def test_an_s3_start_that_never_got_its_workers_out_fails_the_run_it_created(

@@ -6,33 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-import boto3
 import keras
 import numpy as np
 import pytest
-from moto import mock_aws
 
 from trainer import models
 from trainer.config import TrainConfig
 from trainer.errors import InvalidEventError, LayoutError
-from trainer_harness import Harness, start_event
-
-BUCKET = "lambdatrain-123456789012-us-east-1"
-
-
-def s3_event(key: str) -> dict[str, Any]:
-    event = json.loads((Path(__file__).resolve().parents[2] / "events" / "s3_put.json").read_text())
-    event["Records"][0]["s3"]["object"]["key"] = key
-    return event
-
-
-@pytest.fixture
-def bucket(harness: Harness) -> Any:
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket=BUCKET)
-        harness.services.s3 = client
-        yield client
+from trainer_harness import BUCKET, Harness, s3_event, start_event
 
 
 def test_start_object_starts_a_run_named_after_it_and_exports_the_model_there(

@@ -10,6 +10,7 @@ import collections
 import copy
 import dataclasses
 import datetime as dt
+import json
 import threading
 import uuid
 from collections.abc import Callable
@@ -204,3 +205,13 @@ def run_files(harness: Harness, run_id: str) -> list[str]:
     """Every file under the run's EFS folder, relative to it."""
     run_dir = harness.layout.run_dir(run_id)
     return sorted(str(path.relative_to(run_dir)) for path in run_dir.rglob("*") if path.is_file())
+
+
+BUCKET = "lambdatrain-123456789012-us-east-1"  # the bucket of S3-started runs in the tests (moto)
+
+
+def s3_event(key: str) -> dict[str, Any]:
+    """``events/s3_put.json`` for the start object ``key``."""
+    event = json.loads((Path(__file__).resolve().parents[2] / "events" / "s3_put.json").read_text())
+    event["Records"][0]["s3"]["object"]["key"] = key
+    return event
