@@ -90,3 +90,31 @@ def test_an_empty_value_is_treated_as_unset(name, attribute, default):
 def test_an_empty_status_table_is_a_deployment_error():
     with pytest.raises(ConfigurationError, match="STATUS_TABLE is not set"):
         config.load({"STATUS_TABLE": "", "EFS_ROOT": "/mnt/efs"})
+
+
+def test_paper_preset_sets_the_papers_rule_and_explicit_keys_win() -> None:
+    from trainer.config import PRESETS, TrainConfig
+
+    paper = TrainConfig.from_mapping({"preset": "paper"})
+    assert {key: getattr(paper, key) for key in PRESETS["paper"]} == PRESETS["paper"]
+    assert (paper.rounds_per_epoch, paper.local_optimizer, paper.outer_momentum) == (1, "reset", 0.0)
+    assert TrainConfig.from_mapping({"preset": "paper", "lr": 0.01}).lr == 0.01
+    assert paper.preset == "paper"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"preset": "fast"}, "preset must be one of"),
+        ({"preset": 3}, "preset must be"),
+        ({"local_optimizer": "average"}, "local_optimizer must be one of"),
+        ({"warmup_epochs": -1}, "warmup_epochs must be between"),
+        ({"warmup_epochs": 20, "epochs": 10}, "warmup_epochs must be between"),
+    ],
+)
+def test_algorithm_keys_are_validated(raw: dict, message: str) -> None:
+    from trainer.config import TrainConfig
+    from trainer.errors import InvalidEventError
+
+    with pytest.raises(InvalidEventError, match=message):
+        TrainConfig.from_mapping(raw)

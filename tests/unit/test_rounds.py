@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from trainer import worker as worker_flow
+from trainer.efs_layout import load_arrays
 from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError
 from trainer.protocol import parse_event
 from trainer_harness import FakeContext, Harness, failure_record, race, start_event
@@ -221,3 +222,56 @@ def test_outer_momentum_and_float16_updates_train(harness: Harness) -> None:
     rounds = harness.status.list_rounds("t1")
     assert harness.run("t1").state == "SUCCEEDED"
     assert rounds[-1].metrics.train_loss < rounds[0].metrics.train_loss
+
+
+def test_kept_optimizer_state_carries_each_workers_momentum_to_its_next_round(harness: Harness) -> None:
+    harness.invoke(start_event(workers=2, epochs=1, rounds_per_epoch=2, local_optimizer="keep"))
+    for _ in range(2):  # both round-0 workers, not yet the combine
+        harness.invoke(harness.invoker.queue.popleft())
+    kept = [harness.layout.local_state_path("t1", 1, worker) for worker in range(2)]
+    states = [load_arrays(path)[0] for path in kept]
+    model_momentum = [array for array in states[0] if array.ndim > 0 and array.size > 1]
+    assert model_momentum and any(np.abs(array).max() > 0 for array in model_momentum)
+    assert not all(np.array_equal(a, b) for a, b in zip(states[0], states[1], strict=True))  # per worker
+
+    harness.drain()
+    assert harness.run("t1").state == "SUCCEEDED"
+    assert not (harness.layout.run_dir("t1") / "local").exists() or not any(
+        (harness.layout.run_dir("t1") / "local").iterdir()
+    )
+
+
+def test_round_one_worker_starts_from_the_momentum_its_round_zero_left(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainer import training
+
+    harness.invoke(start_event(workers=2, epochs=1, rounds_per_epoch=2, local_optimizer="keep"))
+    starts: list[list[np.ndarray]] = []  # the optimizer state each share starts from, in delivery order
+    kept_files: list[list[np.ndarray] | None] = []
+    original = training.train_steps
+    path = harness.layout.local_state_path("t1", 1, 0)
+
+    def spy(model, *args, **kwargs):
+        starts.append(training.optimizer_state(model))
+        kept_files.append(load_arrays(path)[0] if path.exists() else None)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_steps", spy)
+    harness.drain()
+    assert len(starts) == 4  # round 0: workers 0, 1; round 1: workers 0, 1
+    assert kept_files[2] is not None
+    for restored, written in zip(starts[2], kept_files[2], strict=True):
+        if restored.ndim > 0 and restored.size > 1:  # the momentum buffers (not the step counter or the rate)
+            np.testing.assert_array_equal(restored, written)
+    momentum = [array for array in starts[2] if array.ndim > 0 and array.size > 1]
+    assert any(np.abs(array).max() > 0 for array in momentum)
+    assert all(np.abs(array).max() == 0 for array in starts[0] if array.ndim > 0 and array.size > 1)
+
+
+def test_keep_and_reset_train_different_models(harness: Harness) -> None:
+    harness.invoke(start_event("reset", workers=2, epochs=1, rounds_per_epoch=2, local_optimizer="reset"))
+    harness.invoke(start_event("keep", workers=2, epochs=1, rounds_per_epoch=2, local_optimizer="keep"))
+    harness.drain()
+    reset, keep = harness.final_weights("reset"), harness.final_weights("keep")
+    assert not all(np.array_equal(a, b) for a, b in zip(reset, keep, strict=True))

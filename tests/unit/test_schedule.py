@@ -51,3 +51,22 @@ def test_cosine_schedule_decays_from_lr_and_constant_stays() -> None:
     assert rates == sorted(rates, reverse=True) and rates[-1] > 0
     constant = Schedule(TrainConfig(lr=0.1, epochs=4, lr_schedule="constant"), num_train=100)
     assert {constant.learning_rate(r) for r in range(4)} == {0.1}
+
+
+def test_warmup_rises_linearly_by_step_then_cosine_decays_to_zero() -> None:
+    schedule = Schedule(TrainConfig(lr=0.1, epochs=4, rounds_per_epoch=2, warmup_epochs=1), num_train=100)
+    # warm-up: rounds 0-1, 10 steps each; the first step already trains (1/20 of lr)
+    assert schedule.learning_rate(0, 0, 10) == pytest.approx(0.1 / 20)
+    assert schedule.learning_rate(0, 9, 10) == pytest.approx(0.1 / 2)
+    assert schedule.learning_rate(1, 9, 10) == pytest.approx(0.1)
+    after = [schedule.learning_rate(r, s, 10) for r in range(2, 8) for s in range(10)]
+    assert after[0] == pytest.approx(0.1)
+    assert after == sorted(after, reverse=True) and 0 < after[-1] < 0.001
+
+
+def test_rate_depends_on_the_position_in_the_run_not_on_how_it_is_cut_into_rounds() -> None:
+    one = Schedule(TrainConfig(lr=0.1, epochs=2, rounds_per_epoch=1, warmup_epochs=0.5), num_train=100)
+    four = Schedule(TrainConfig(lr=0.1, epochs=2, rounds_per_epoch=4, warmup_epochs=0.5), num_train=100)
+    # step 5 of 8 in round 1 of a 1-round epoch = step 1 of 2 in round 6 of a 4-round epoch (13/16 of the run)
+    assert one.learning_rate(1, 5, 8) == pytest.approx(four.learning_rate(6, 1, 2))
+    assert one.learning_rate(0, 2, 8) == pytest.approx(four.learning_rate(1, 0, 2))  # in the warm-up

@@ -56,6 +56,22 @@ TABLE_KEY_SCHEMA = (("pk", "HASH"), ("sk", "RANGE"))
 MODELS = ("vgg19_bn", "vgg19")
 UPDATE_DTYPES = ("float32", "float16")
 LR_SCHEDULES = ("cosine", "constant")
+LOCAL_OPTIMIZER_MODES = ("keep", "reset")
+
+# Named bundles of the algorithm's keys; a start event's own keys override its preset's.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's rule: each worker trains a whole epoch of its shard from the global weights with fresh
+    # momentum, the combine averages once per epoch (this project's defaults before the accuracy study).
+    "paper": {
+        "rounds_per_epoch": 1,
+        "local_steps": 0,
+        "lr": 0.02,
+        "warmup_epochs": 0.0,
+        "local_optimizer": "reset",
+        "outer_lr": 1.0,
+        "outer_momentum": 0.0,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -136,8 +152,16 @@ class TrainConfig:
     lr_schedule: str = dataclasses.field(
         default="cosine", metadata={"help": "cosine decay over rounds, or constant"}
     )
-    momentum: float = dataclasses.field(
-        default=0.9, metadata={"help": "local SGD momentum (reset at each round)"}
+    warmup_epochs: float = dataclasses.field(
+        default=0.0, metadata={"help": "linear warm-up of the local learning rate over this many epochs"}
+    )
+    momentum: float = dataclasses.field(default=0.9, metadata={"help": "local SGD momentum"})
+    local_optimizer: str = dataclasses.field(
+        default="reset",
+        metadata={
+            "help": "keep: each worker's momentum carries over to its next round (on EFS); reset: it restarts at "
+            "zero every round (the paper)"
+        },
     )
     weight_decay: float = dataclasses.field(
         default=5e-4, metadata={"help": "decoupled weight decay of the local optimizer"}
@@ -178,6 +202,10 @@ class TrainConfig:
     max_attempts: int = dataclasses.field(
         default=3, metadata={"help": "attempts per worker/combine event before the run is marked FAILED"}
     )
+    preset: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "start from a named set of algorithm keys (paper); keys given beside it win"},
+    )
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> TrainConfig:
@@ -189,6 +217,10 @@ class TrainConfig:
                 f"unknown configuration key(s) {unknown}; expected some of {sorted(known)}"
             )
         values = {name: _coerce(name, value, known[name].type) for name, value in raw.items()}
+        preset = values.get("preset")
+        if preset is not None:
+            _check_choice("preset", preset, tuple(PRESETS))
+            values = {**PRESETS[preset], **values}
         config = cls(**values)
         config.validate()
         return config
@@ -202,7 +234,9 @@ class TrainConfig:
         _check_range("batch_size", self.batch_size, 1, 4096)
         _check_range("lr", self.lr, 0.0, 10.0)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_range("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs))
         _check_range("momentum", self.momentum, 0.0, 0.999)
+        _check_choice("local_optimizer", self.local_optimizer, LOCAL_OPTIMIZER_MODES)
         _check_range("weight_decay", self.weight_decay, 0.0, 1.0)
         _check_range("rounds_per_epoch", self.rounds_per_epoch, 1, 10_000)
         _check_range("local_steps", self.local_steps, 0, 1_000_000)
@@ -215,6 +249,8 @@ class TrainConfig:
         _check_range("train_samples", self.train_samples, 0, 100_000_000)
         _check_range("test_samples", self.test_samples, 0, 100_000_000)
         _check_range("max_attempts", self.max_attempts, 1, 10)
+        if self.preset is not None:
+            _check_choice("preset", self.preset, tuple(PRESETS))
         if self.model == "vgg19_bn" and self.weights is not None:
             raise InvalidEventError("weights is only supported for model 'vgg19', got model 'vgg19_bn'")
         if self.weights is not None and self.weights != "imagenet":

@@ -60,6 +60,9 @@ def check_name(kind: str, value: object) -> str:
     return value
 
 
+PER_WORKER_KINDS = ("updates", "partial", "local")  # a folder per round, a file per worker (no token)
+
+
 @dataclass(frozen=True)
 class EfsLayout:
     root: Path
@@ -87,6 +90,11 @@ class EfsLayout:
             self.run_dir(run_id) / "partial" / f"round-{round_index:06d}" / f"worker-{worker_index:04d}.npz"
         )
 
+    def local_state_path(self, run_id: str, round_index: int, worker_index: int) -> Path:
+        """A worker's optimizer state (SGD momentum) to start ``round_index`` from, written by its previous round
+        (``local_optimizer`` "keep")."""
+        return self.run_dir(run_id) / "local" / f"round-{round_index:06d}" / f"worker-{worker_index:04d}.npz"
+
     def outer_state_path(self, run_id: str, round_index: int, token: str) -> Path:
         return self.run_dir(run_id) / "outer" / f"round-{round_index:06d}-{check_name('token', token)}.npz"
 
@@ -103,15 +111,16 @@ class EfsLayout:
 
     def round_files(self, run_id: str) -> Iterator[tuple[str, int, str | None, Path]]:
         """Every round-scoped entry of a run as ``(kind, round, token, path)``: kind is ``weights``, ``outer``
-        (token set), ``updates`` or ``partial`` (a round's folder, token None); temporary files are skipped."""
+        (token set), ``updates``, ``partial`` or ``local`` (a round's folder, token None); temporary files are
+        skipped."""
         run_dir = self.run_dir(run_id)
-        for kind in ("weights", "outer", "updates", "partial"):
+        for kind in ("weights", "outer", *PER_WORKER_KINDS):
             directory = run_dir / kind
             if not directory.is_dir():
                 continue
             for entry in directory.iterdir():
                 match = _ROUND_FILE_RE.fullmatch(entry.name)
-                if match and (match.group(2) is None) == (kind in ("updates", "partial")):
+                if match and (match.group(2) is None) == (kind in PER_WORKER_KINDS):
                     yield kind, int(match.group(1)), match.group(2), entry
 
     def temporary_files(self, run_id: str) -> Iterator[Path]:

@@ -57,12 +57,18 @@ class Schedule:
             return (round_index + 1) % self.config.eval_every == 0
         return self.is_epoch_end(round_index)
 
-    def learning_rate(self, round_index: int) -> float:
-        """The local learning rate for a round: constant, or cosine decay from ``lr`` to 0 over the run."""
+    def learning_rate(self, round_index: int, step: int = 0, steps: int = 1) -> float:
+        """The local learning rate at local step ``step`` of ``steps`` in a round: a linear warm-up over
+        ``warmup_epochs``, then constant or cosine decay to 0 over the rest of the run. It depends on the run's
+        position only, so every worker uses the same rate at the same point."""
+        position = round_index + min(step, steps) / max(1, steps)  # in rounds, fractional
+        warmup = self.config.warmup_epochs * self.rounds_per_epoch
+        if position < warmup:
+            return self.config.lr * min(1.0, (position + 1 / max(1, steps)) / warmup)
         if self.config.lr_schedule == "constant" or self.total_rounds == 1:
             return self.config.lr
-        progress = round_index / self.total_rounds
-        return 0.5 * self.config.lr * (1.0 + math.cos(math.pi * progress))
+        progress = (position - warmup) / max(1e-9, self.total_rounds - warmup)
+        return 0.5 * self.config.lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     def worker_indices(self, round_index: int, worker_index: int) -> np.ndarray:
         """Indices into the training set that ``worker_index`` trains on in ``round_index``, in order."""

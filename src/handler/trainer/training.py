@@ -90,11 +90,12 @@ def train_steps(
     augment_seed: tuple[int, ...],
     seconds_left: Callable[[], float],
     margin_s: float,
+    learning_rate: Callable[[int], float] | None = None,
 ) -> bool:
     """Run steps ``state.next_step ... total_steps - 1`` over ``indices``; True when the round's share is done.
 
     Each step's augmentation is seeded by ``augment_seed + (step,)``, so a continued round draws exactly what an
-    uninterrupted one would have.
+    uninterrupted one would have. ``learning_rate(step)``, if given, sets the rate before each step.
     """
     timer = StepTimer()
     while state.next_step < total_steps:
@@ -109,6 +110,8 @@ def train_steps(
         images, labels = data.gather(dataset.train_x, dataset.train_y, batch)
         if config.augment:
             images = data.augment(images, np.random.default_rng([*augment_seed, step]))
+        if learning_rate is not None:
+            model.optimizer.learning_rate = learning_rate(step)
         loss = model.train_on_batch(images.astype(np.float32), labels, return_dict=True)["loss"]
         elapsed = time.perf_counter() - began
         timer.add(elapsed)

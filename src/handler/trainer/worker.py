@@ -64,6 +64,7 @@ def train_share(
     global_weights = load_global_weights(weights_path, model)
     state = _restore_local_state(event, run, model, global_weights, services)
     indices = run.schedule.worker_indices(event.round_index, event.worker_index)
+    total_steps = run.schedule.steps(len(indices))
     load_s = time.perf_counter() - began
 
     first_step = state.next_step
@@ -71,12 +72,13 @@ def train_share(
         model,
         dataset,
         indices,
-        run.schedule.steps(len(indices)),
+        total_steps,
         run.config,
         state,
         augment_seed=(run.config.seed, event.round_index, event.worker_index),
         seconds_left=lambda: context.get_remaining_time_in_millis() / 1000.0,
         margin_s=services.environment.safety_margin_s,
+        learning_rate=lambda step: run.schedule.learning_rate(event.round_index, step, total_steps),
     )
     steps_now = state.next_step - first_step
     over = _round_over(event, services)  # a late copy must leave nothing that nobody will read
@@ -130,11 +132,14 @@ def _restore_local_state(
     global_weights: list[np.ndarray],
     services: Services,
 ) -> training.LocalState:
-    """The model at the round's start (global weights, zero momentum, the round's learning rate), or where a
-    saved state left it. Every saved state is a valid point to go on from (a chained continuation or a retry
-    after a crash), because each step's batch and augmentation depend only on the step index."""
+    """The model at the round's start (global weights; zero momentum, or with ``local_optimizer`` "keep" the
+    momentum this worker ended its previous round with), or where a saved state left it. Every saved state is a
+    valid point to go on from (a chained continuation or a retry after a crash), because each step's batch and
+    augmentation depend only on the step index."""
     model.set_weights(global_weights)
     training.reset_optimizer(model, run.schedule.learning_rate(event.round_index))
+    if run.config.local_optimizer == "keep" and event.round_index > 0:
+        _restore_kept_optimizer(event, run, model, services)
     partial_path = services.layout.partial_path(run.run_id, event.round_index, event.worker_index)
     if not partial_path.exists():
         return training.LocalState()
@@ -146,6 +151,20 @@ def _restore_local_state(
     state.invocations += 1
     logs.event(log, "continued_from_saved_state", step=state.next_step, resume_step=event.resume_step)
     return state
+
+
+def _restore_kept_optimizer(
+    event: WorkerEvent, run: RunStatus, model: keras.Model, services: Services
+) -> None:
+    """Load the optimizer state this worker's previous round left for it. Missing (a run resumed from a state
+    written before it kept momentum): start from zero, as a reset would."""
+    path = services.layout.local_state_path(run.run_id, event.round_index, event.worker_index)
+    try:
+        arrays, _ = load_arrays(path)
+    except FileNotFoundError:
+        logs.event(log, "kept_optimizer_state_missing", level=logging.WARNING, path=str(path))
+        return
+    training.restore_optimizer_state(model, arrays)
 
 
 def _continue_later(
@@ -212,6 +231,14 @@ def _write_update(
         "invocations": state.invocations,
     }
     layout = services.layout
+    keeps_optimizer = run.config.local_optimizer == "keep" and not run.schedule.is_last(event.round_index)
+    if keeps_optimizer:  # before the update: a written update implies its worker's next optimizer state
+        save_arrays(
+            layout.local_state_path(run.run_id, event.round_index + 1, event.worker_index),
+            training.optimizer_state(model),
+            {"round": event.round_index + 1, "worker": event.worker_index},
+            once=True,
+        )
     path = layout.update_path(run.run_id, event.round_index, event.worker_index)
     size = save_arrays(path, update, meta, once=True)  # a copy that finished first has already won
     layout.partial_path(run.run_id, event.round_index, event.worker_index).unlink(missing_ok=True)
