@@ -118,3 +118,17 @@ def test_algorithm_keys_are_validated(raw: dict, message: str) -> None:
 
     with pytest.raises(InvalidEventError, match=message):
         TrainConfig.from_mapping(raw)
+
+
+def test_readme_configuration_table_documents_every_start_event_key() -> None:
+    import dataclasses
+    import re
+
+    from trainer.config import TrainConfig
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Configuration") : readme.index("<!-- /section:configuration -->")]
+    documented = set(re.findall(r"^\| `([a-z_]+)`", section, flags=re.MULTILINE))
+    documented |= {"test_samples"} if "`train_samples` / `test_samples`" in section else set()
+    documented |= {"train_samples"} if "`train_samples` / `test_samples`" in section else set()
+    assert {field.name for field in dataclasses.fields(TrainConfig)} <= documented

@@ -240,7 +240,7 @@ class TrainConfig:
         _check_range("weight_decay", self.weight_decay, 0.0, 1.0)
         _check_range("rounds_per_epoch", self.rounds_per_epoch, 1, 10_000)
         _check_range("local_steps", self.local_steps, 0, 1_000_000)
-        _check_range("outer_lr", self.outer_lr, 0.0, 10.0)
+        _check_range("outer_lr", self.outer_lr, 0.0, float(MAX_WORKERS))
         _check_range("outer_momentum", self.outer_momentum, 0.0, 0.999)
         _check_choice("update_dtype", self.update_dtype, UPDATE_DTYPES)
         _check_range("eval_every", self.eval_every, 0, 1_000_000)
