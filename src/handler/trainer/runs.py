@@ -42,6 +42,9 @@ def start_run(
     logs.bind_more(run_id=run_id)
     dataset = dataset_for(cfg, services.layout)  # a missing dataset fails here, before anything is written
     digest = dataset_digest(cfg, services.layout)
+    # Every cloud run exports final.keras to the stack's bucket (MODEL_BUCKET); one started by an S3 object, to
+    # the bucket the object came from (the same one in a deployed stack).
+    export_bucket = export_bucket or services.environment.model_bucket
     planned = RunStatus.new(run_id, cfg, len(dataset.train_x), export_bucket, dataset_sha256=digest)
     _check_plan(planned.schedule)
     run = services.status.get_run(run_id)
