@@ -87,7 +87,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
             return np.asarray(rgb, dtype=np.uint8)
     except FileNotFoundError:
         raise OperatorError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise OperatorError(f"{path} is not an image Pillow can read: {exc}") from exc
 
 

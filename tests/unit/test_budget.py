@@ -245,3 +245,10 @@ def test_a_saved_state_from_before_the_new_meta_keys_still_resumes() -> None:
 
     assert (state.next_step, state.handler_s, state.bytes_read, state.bytes_written) == (3, 0.0, 0, 0)
     assert training.LocalState.from_meta(state.to_meta()) == state
+
+
+def test_a_gb_s_budget_where_the_memory_is_unknown_is_refused_at_start(harness: Harness) -> None:
+    with pytest.raises(InvalidEventError, match="max_gb_s 5 needs the function's memory"):
+        harness.invoke(start_event("blind", max_gb_s=5))
+
+    assert harness.status.get_run("blind") is None and not harness.invoker.queue
