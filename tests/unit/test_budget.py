@@ -212,6 +212,10 @@ def test_the_embedded_block_leaves_out_missing_and_non_finite_values() -> None:
     assert (block["FunctionName"], block["train_loss"]) == ("fn", 1.5)
     assert "eval" not in block and "test_accuracy" not in block
     assert embedded_metrics.block("fn", {}) == {}
+    import numpy as np
+
+    assert embedded_metrics.block("fn", {"eval": np.float32(2.5), "load": True})["eval"] == 2.5
+    assert "load" not in embedded_metrics.block("fn", {"eval": np.float32(2.5), "load": True})
     json.dumps(block)  # a log line must hold it
 
 

@@ -9,6 +9,7 @@ Specification: https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/Cl
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -35,7 +36,9 @@ def block(function_name: str, values: Mapping[str, Any], now_s: float | None = N
     present = {
         name: float(values[name])
         for name in METRICS
-        if isinstance(values.get(name), int | float) and math.isfinite(float(values[name]))
+        if isinstance(values.get(name), numbers.Real)  # NumPy's scalars too
+        and not isinstance(values[name], bool)
+        and math.isfinite(float(values[name]))
     }
     if not present:
         return {}
