@@ -10,6 +10,7 @@ start included, and ``Max Memory Used`` is left out: the local runtime does not 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -40,8 +41,11 @@ def format_report(request_id: str, duration_s: float, memory_mb: int) -> str:
 
 
 def parse_report(line: str) -> Report | None:
-    """The report in a log line, or None if the line is not a ``REPORT`` line (or lacks its billing fields)."""
+    """The report in a log line, or None if the line is not a ``REPORT`` line (or lacks its billing fields).
+    Lambda's JSON log format writes the same as a ``platform.report`` record, which is read too."""
     text = line.strip()
+    if text.startswith("{") and '"platform.report"' in text:
+        return _parse_platform_report(text)
     if not text.startswith("REPORT RequestId:"):
         return None
     fields = {name.strip(): value.strip() for name, value in _FIELD.findall(text.removeprefix("REPORT "))}
@@ -52,6 +56,21 @@ def parse_report(line: str) -> Report | None:
             memory_mb=int(fields["Memory Size"].removesuffix("MB")),
         )
     except (KeyError, ValueError):
+        return None
+
+
+def _parse_platform_report(text: str) -> Report | None:
+    """``{"type": "platform.report", "record": {"requestId", "metrics": {"billedDurationMs", "memorySizeMB"}}}``."""
+    try:
+        event = json.loads(text)
+        record = event["record"]
+        metrics = record["metrics"]
+        if event.get("type") != "platform.report":
+            return None
+        return Report(
+            str(record["requestId"]), float(metrics["billedDurationMs"]), int(metrics["memorySizeMB"])
+        )
+    except (ValueError, KeyError, TypeError):
         return None
 
 

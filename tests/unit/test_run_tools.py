@@ -461,6 +461,22 @@ def test_the_report_line_round_trips_and_reads_lambdas_own() -> None:
     assert reports.parse_report(lambdas) == reports.Report("3604209a-e9a3-11e6-939a-754dd98c7be3", 13.0, 128)
     assert reports.parse_report("REPORT RequestId: x\tDuration: 1 ms\t") is None  # no billing fields
     assert reports.parse_report('{"message": "REPORT RequestId: x"}') is None
+    json_format = {  # the same report in Lambda's JSON log format (LoggingConfig.LogFormat: JSON)
+        "time": "2026-11-28T12:00:00.000Z",
+        "type": "platform.report",
+        "record": {
+            "requestId": "abc-2",
+            "metrics": {
+                "durationMs": 12.34,
+                "billedDurationMs": 13,
+                "memorySizeMB": 128,
+                "maxMemoryUsedMB": 18,
+            },
+            "status": "success",
+        },
+    }
+    assert reports.parse_report(json.dumps(json_format)) == reports.Report("abc-2", 13.0, 128)
+    assert reports.parse_report(json.dumps({**json_format, "record": {"requestId": "x"}})) is None
 
 
 def test_operator_error_is_the_error_of_every_new_command() -> None:
