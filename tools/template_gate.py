@@ -45,6 +45,7 @@ sys.path[:0] = [str(REPO_ROOT / "src" / "handler"), str(REPO_ROOT / "src")]
 from localrun import template as cfn_template  # noqa: E402
 from trainer import config as trainer_config  # noqa: E402  (needs the sys.path entry above)
 from trainer import coordination as trainer_coordination  # noqa: E402
+from trainer import embedded_metrics as trainer_metrics  # noqa: E402
 from trainer import protocol as trainer_protocol  # noqa: E402
 
 STEPS = ("sam", "cfnlint", "checkov", "hadolint", "pip", "asserts")
@@ -1035,6 +1036,118 @@ def assert_local_overrides_declared(gate: Gate) -> Iterator[str]:
             yield f"{gate.trainer_id}: {name} is {variables[name]!r}; expected '' (deployed functions use AWS's endpoints)"
 
 
+def assert_model_export(gate: Gate) -> Iterator[str]:
+    """Every cloud run exports final.keras to the stack's bucket: the trainer's MODEL_BUCKET names the bucket (by
+    the same BucketName expression: a Ref would close the cycle bucket notification -> function -> bucket), and
+    its role may put objects under models/."""
+    template = gate.translated
+    resources = template.get("Resources", {})
+    trainer = resources.get(gate.trainer_id, {})
+    variables = trainer.get("Properties", {}).get("Environment", {}).get("Variables", {})
+    value = variables.get(trainer_config.ENV_MODEL_BUCKET)
+    buckets = {
+        logical_id: bucket.get("Properties", {}).get("BucketName")
+        for logical_id, bucket in _resources(template, "AWS::S3::Bucket")
+    }
+    notified = [
+        logical_id
+        for logical_id, bucket in _resources(template, "AWS::S3::Bucket")
+        for configuration in bucket.get("Properties", {})
+        .get("NotificationConfiguration", {})
+        .get("LambdaConfigurations", [])
+        if _ref(configuration.get("Function")) == gate.trainer_id
+    ]
+    if value in (None, ""):
+        yield (
+            f"{gate.trainer_id}: environment variable {trainer_config.ENV_MODEL_BUCKET} is not set; runs not "
+            "started by an S3 object would not export final.keras to the bucket"
+        )
+        return
+    matches = [logical_id for logical_id, name in buckets.items() if name is not None and name == value]
+    if not matches:
+        yield (
+            f"{gate.trainer_id}: {trainer_config.ENV_MODEL_BUCKET} is {json.dumps(value)}, which is no bucket's "
+            f"BucketName in the template (the start objects' bucket is {notified or 'none'})"
+        )
+        return
+    if notified and matches[0] not in notified:
+        yield f"{gate.trainer_id}: {trainer_config.ENV_MODEL_BUCKET} names {matches[0]}, not the bucket of its start objects {notified}"
+    role_id = _ref(trainer.get("Properties", {}).get("Role"))
+    wanted = {"Fn::Sub": f"${{{matches[0]}.Arn}}/{trainer_config.MODEL_PREFIX}*"}
+    granted = [
+        statement
+        for _, statement in _role_statements(template, role_id or "")
+        if "s3:PutObject" in _actions(statement)
+        and wanted
+        in (
+            [statement.get("Resource")]
+            if isinstance(statement.get("Resource"), dict)
+            else statement.get("Resource") or []
+        )
+    ]
+    if not granted:
+        yield f"{role_id}: does not grant s3:PutObject on {json.dumps(wanted)}; the combine uploads final.keras there"
+
+
+def _dashboard_metrics(body: Any) -> tuple[set[tuple[str, str, str, str]], str | None]:
+    """(namespace, metric, dimension, value) of every metric line in a dashboard body, or why it cannot be read."""
+    text = body.get("Fn::Sub") if isinstance(body, dict) else body
+    if not isinstance(text, str):
+        return set(), f"DashboardBody is {json.dumps(body)[:80]}; expected a JSON text (Fn::Sub)"
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        return set(), f"DashboardBody is not JSON: {exc}"
+    found: set[tuple[str, str, str, str]] = set()
+    for widget in document.get("widgets", []):
+        for line in widget.get("properties", {}).get("metrics", []):
+            names = [item for item in line if isinstance(item, str)]
+            if len(names) >= 4:
+                found.add((names[0], names[1], names[2], names[3]))
+    return found, None
+
+
+def assert_dashboard(gate: Gate) -> Iterator[str]:
+    """The optional dashboard: present only when EnableDashboard is "true", and plotting every metric the combine
+    emits (trainer.embedded_metrics) under its namespace and per-stack dimension, the trainer's name."""
+    template = gate.translated
+    parameter = template.get("Parameters", {}).get("EnableDashboard")
+    if not isinstance(parameter, dict):
+        yield "template: no EnableDashboard parameter; the dashboard must be optional"
+        return
+    if parameter.get("Default") != "false" or sorted(parameter.get("AllowedValues", [])) != ["false", "true"]:
+        yield 'EnableDashboard: expected AllowedValues ["true", "false"] and Default "false"'
+    conditions = {
+        name
+        for name, condition in template.get("Conditions", {}).items()
+        if condition == {"Fn::Equals": [{"Ref": "EnableDashboard"}, "true"]}
+    }
+    dashboards = list(_resources(template, "AWS::CloudWatch::Dashboard"))
+    if not dashboards:
+        yield "template: no AWS::CloudWatch::Dashboard; EnableDashboard would add nothing"
+    for logical_id, dashboard in dashboards:
+        if dashboard.get("Condition") not in conditions:
+            yield (
+                f"{logical_id}: Condition is {dashboard.get('Condition')!r}; expected one that is "
+                'EnableDashboard = "true" (the dashboard is optional)'
+            )
+        found, problem = _dashboard_metrics(dashboard.get("Properties", {}).get("DashboardBody"))
+        if problem:
+            yield f"{logical_id}: {problem}"
+            continue
+        dimension_value = f"${{{gate.trainer_id}}}"
+        missing = [
+            name
+            for name in trainer_metrics.METRICS
+            if (trainer_metrics.NAMESPACE, name, trainer_metrics.DIMENSION, dimension_value) not in found
+        ]
+        if missing:
+            yield (
+                f"{logical_id}: does not plot {missing} in namespace {trainer_metrics.NAMESPACE!r} with "
+                f"{trainer_metrics.DIMENSION} = {dimension_value}; the combine emits them (trainer/embedded_metrics.py)"
+            )
+
+
 ASSERTIONS: tuple[Callable[[Gate], Iterator[str]], ...] = (
     assert_lambda_limits,
     assert_file_systems,
@@ -1044,6 +1157,8 @@ ASSERTIONS: tuple[Callable[[Gate], Iterator[str]], ...] = (
     assert_queue_visibility,
     assert_trainer,
     assert_trainer_permissions,
+    assert_model_export,
+    assert_dashboard,
     assert_watchdog,
     assert_alarm_topics,
     assert_local_overrides_declared,

@@ -23,6 +23,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -264,7 +265,31 @@ def run_local(args: argparse.Namespace) -> int:
     if summary.state != coordination.SUCCEEDED:
         print(f"resume with: lambdatrain local --resume {run_id}", file=sys.stderr)
         return 1
+    print(next_commands(run_id, paths))
     return 0
+
+
+def next_commands(run_id: str, paths: Paths) -> str:
+    """What to run next on a run that SUCCEEDED: its status, its learning curves, predictions of its model."""
+    program = (
+        "lambdatrain"
+        if shutil.which("lambdatrain")
+        else monitor.display_path(Path(sys.prefix) / "bin" / "lambdatrain")
+    )
+    where = ""
+    if paths.state_dir != Path(".local").resolve():
+        where += f" --state-dir {monitor.display_path(paths.state_dir)}"
+    if paths.efs_root != paths.state_dir / "efs":
+        where += f" --efs-root {monitor.display_path(paths.efs_root)}"
+    model = monitor.display_path(efs_layout.EfsLayout(paths.efs_root).final_model_path(run_id))
+    return "\n".join(
+        [
+            "next:",
+            f"  {program} status {run_id}{where}",
+            f"  {program} curves {run_id} -o curves.png{where}",
+            f"  {program} predict {model} --cifar-test 30 --grid predictions.png{where}",
+        ]
+    )
 
 
 def resolve_function(args: argparse.Namespace) -> tuple[settings.FunctionSettings, faults.FaultPlan]:

@@ -1,5 +1,8 @@
 """The operator commands, one code path for a deployed stack (``--stack``) and a local state directory
-(``--state-dir``, default ``.local``): ``runs``, ``status``, ``watch``, ``stop``, ``rm``, ``start``, ``resume``.
+(``--state-dir``, default ``.local``): ``runs``, ``status``, ``watch``, ``stop``, ``rm``, ``start``, ``resume``,
+``curves``, ``cost``, ``model``; and ``predict``, which needs only a model file (and, for ``--cifar-test``, the
+prepared dataset). The work is in :mod:`localrun.curves`, :mod:`localrun.cost` and :mod:`localrun.predict`; this
+module wires the arguments to them.
 
 Every read and write of the status table goes through :mod:`trainer.coordination`; where a command acts is a
 :mod:`localrun.targets` object. Bad input (an unknown run or stack, a state directory without a table, a run in
@@ -18,9 +21,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError
 
-from localrun import progress, runtime, start_event, targets
+from localrun import cost, curves, outputs, predict, progress, runtime, start_event, targets
 from localrun.errors import LocalRuntimeError, OperatorError
 from trainer import coordination, efs_layout, errors, protocol
 
@@ -31,7 +35,7 @@ HALT_REASON = "stopped at once by the operator (lambdatrain stop --now); the cur
 # uploading anything. The trainer never reads it: its run item is ``sk = "RUN"``, its rounds ``sk = "ROUND#..."``,
 # and without ``kind`` or ``active`` the item is in neither index (`runs` does not list it).
 TOMBSTONE_SORT_KEY = "REMOVED"
-COMMANDS = ("runs", "status", "watch", "stop", "rm", "start", "resume")
+COMMANDS = ("runs", "status", "watch", "stop", "rm", "start", "resume", "curves", "cost", "model", "predict")
 
 
 # --- arguments ------------------------------------------------------------------------------------------
@@ -90,11 +94,60 @@ def add_commands(commands: Any) -> None:
     start_event.add_training_options(start)
     resume = commands.add_parser("resume", parents=[where], help="continue a stopped or failed run")
     resume.add_argument("run", metavar="RUN")
+    curve = commands.add_parser(
+        "curves", parents=[where], help="plot training loss and test accuracy against round and wall time"
+    )
+    curve.add_argument("run", metavar="RUN")
+    curve.add_argument(
+        "-o", "--output", type=Path, default=Path("curves.png"), help="the PNG (default: %(default)s)"
+    )
+    curve.add_argument("--csv", type=Path, metavar="FILE", help="also write the numbers as CSV")
+    price = commands.add_parser(
+        "cost", parents=[where], help="price a run from what it measured (GB-seconds, requests, EFS bytes)"
+    )
+    price.add_argument("run", metavar="RUN")
+    price.add_argument(
+        "--prices", type=Path, metavar="FILE", help=f"a prices file (default: {cost.DEFAULT_PRICES.name})"
+    )
+    model = commands.add_parser(
+        "model",
+        parents=[where],
+        help="copy a SUCCEEDED run's final.keras here (from EFS locally, S3 on a stack)",
+    )
+    model.add_argument("run", metavar="RUN")
+    model.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("final.keras"),
+        help="where to write it (default: %(default)s)",
+    )
+    guess = commands.add_parser(
+        "predict", help="top-1 class and probability per image with a final.keras; --grid draws them"
+    )
+    guess.add_argument("model", type=Path, metavar="MODEL", help="a final.keras (lambdatrain model RUN)")
+    guess.add_argument("images", type=Path, nargs="*", metavar="IMAGE", help="PNG or JPEG files of any size")
+    guess.add_argument("--grid", type=Path, metavar="PNG", help="draw the images with their labels into PNG")
+    guess.add_argument(
+        "--cifar-test", type=int, metavar="K", help="also predict K random images of the prepared test set"
+    )
+    guess.add_argument("--seed", type=int, help="of the random test images (default: a new draw each time)")
+    dataset = guess.add_argument_group("the prepared dataset (--cifar-test; class names)")
+    dataset.add_argument("--dataset", type=Path, metavar="DIR", help="a prepared dataset folder")
+    dataset.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="else <efs-root>/datasets/cifar10 of this local state directory",
+    )
+    dataset.add_argument("--efs-root", type=Path, metavar="DIR", help="(default: <state-dir>/efs)")
 
 
 def run_command(args: argparse.Namespace) -> int:
     """Run one operator command; errors become one ``error:`` line and status 1."""
     try:
+        if args.command == "predict":
+            return predict_images(args)
         if args.command in ("start", "resume") and not args.stack:
             return _delegate_local(args)
         with open_target(args) as target:
@@ -209,6 +262,7 @@ def show_status(target: targets.Target, args: argparse.Namespace) -> int:
     print(f"  config      {configuration}")
     print(f"  data        {run.num_train} training examples, dataset sha256 {run.dataset_sha256 or '-'}")
     print(f"  model       {describe_model(target, run)}")
+    print(f"  budget      {describe_budget(run)}")
     completed = [(record, record.metrics) for record in rounds if record.completed and record.metrics]
     if not completed:
         print("  rounds      none completed yet")
@@ -243,6 +297,15 @@ def show_status(target: targets.Target, args: argparse.Namespace) -> int:
     print()
     print(format_table(rows))
     return 0
+
+
+def describe_budget(run: coordination.RunStatus) -> str:
+    limits = [
+        f"max_wall_s {run.config.max_wall_s:g}" if run.config.max_wall_s else "",
+        f"max_gb_s {run.config.max_gb_s:g}" if run.config.max_gb_s else "",
+    ]
+    spent = f"{run.gb_s:,.1f} GB-s measured by the committed rounds"
+    return f"{spent} ({', '.join(limit for limit in limits if limit) or 'no limit'})"
 
 
 def describe_model(target: targets.Target, run: coordination.RunStatus) -> str:
@@ -537,6 +600,102 @@ def _delegate_local(args: argparse.Namespace) -> int:
     return cli.main(argv)
 
 
+# --- curves, cost, model ---------------------------------------------------------------------------------
+
+
+def plot_curves(target: targets.Target, args: argparse.Namespace) -> int:
+    run = require_run(target, args.run)
+    points = curves.curve_points(run, target.status.list_rounds(args.run))
+    if args.csv is not None:
+        curves.write_csv(points, args.csv)
+        print(f"run {args.run}: {len(points)} rounds written to {args.csv}")
+    title = f"{args.run}: {run.state}, {run.config.workers} workers, {run.config.model} x{run.config.width:g}"
+    curves.plot(points, args.output, title)
+    print(f"run {args.run}: curves of {len(points)} rounds in {args.output}")
+    return 0
+
+
+def price_run(target: targets.Target, args: argparse.Namespace) -> int:
+    prices = cost.load_prices(args.prices)  # a bad prices file fails before anything is read
+    run = require_run(target, args.run)
+    usage = cost.measure(args.run, target.log_lines(run), target.status.list_rounds(args.run))
+    if usage.invocations == 0:
+        raise OperatorError(
+            f"no invocation of run {args.run} in the records of {target.name}; nothing to price"
+        )
+    print(cost.format_report(run, usage, prices, target.stack_parameters(), target.measurement_note()))
+    return 0
+
+
+def fetch_model(target: targets.Target, args: argparse.Namespace) -> int:
+    run = require_run(target, args.run)
+    if run.state != coordination.SUCCEEDED:
+        raise OperatorError(
+            f"run {args.run} is {run.state}; final.keras exists once a run SUCCEEDED "
+            f"(its round {run.round_index} weights are on EFS)"
+        )
+    with outputs.atomic_output(args.output) as temporary:
+        source = target.fetch_model(run, temporary)
+    print(f"run {args.run}: {source} -> {args.output}")
+    return 0
+
+
+# --- predict --------------------------------------------------------------------------------------------
+
+
+def predict_images(args: argparse.Namespace) -> int:
+    if not args.images and args.cifar_test is None:
+        raise OperatorError("give IMAGE files, --cifar-test K, or both")
+    dataset_dir = _dataset_dir(args)
+    model = predict.load_model(args.model)
+    size = predict.input_size(model)
+    images = [
+        predict.load_image(path, size) for path in args.images
+    ]  # every file is checked before predicting
+    names: list[str] = [str(path) for path in args.images]
+    truths: list[str | None] = [None] * len(images)
+    label_names = predict.label_names_of(dataset_dir)
+    if args.cifar_test is not None:
+        if dataset_dir is None:
+            raise OperatorError(
+                "--cifar-test needs the prepared dataset: --dataset DIR, or --state-dir/--efs-root"
+            )
+        test_x, test_y, indices, label_names = predict.sample_test_set(
+            dataset_dir, args.cifar_test, args.seed
+        )
+        images += [predict.load_array(image, size) for image in test_x]
+        names += [f"test[{index}]" for index in indices]
+        truths += [label_names[int(label)] for label in test_y]
+    predictions = predict.predict(model, np.stack(images), label_names)
+    width = max(len(name) for name in names)
+    for name, prediction, truth in zip(names, predictions, truths, strict=True):
+        verdict = (
+            "" if truth is None else f"  (true: {truth}{'' if truth == prediction.label else ', wrong'})"
+        )
+        print(f"{name:<{width}}  {prediction.label:<10} {prediction.probability:6.1%}{verdict}")
+    if args.cifar_test is not None:
+        right = sum(p.label == t for p, t in zip(predictions, truths, strict=True) if t is not None)
+        print(f"right: {right}/{args.cifar_test}")
+    if args.grid is not None:
+        predict.draw_grid(np.stack(images), predictions, truths, args.grid, f"{args.model.name}: predictions")
+        print(f"grid: {args.grid}")
+    return 0
+
+
+def _dataset_dir(args: argparse.Namespace) -> Path | None:
+    """The prepared dataset: --dataset, else <efs-root>/datasets/cifar10 of the state directory; None if neither
+    is given and the default state directory has none."""
+    if args.dataset is not None:
+        if args.state_dir or args.efs_root:
+            raise OperatorError("--dataset and --state-dir/--efs-root name different datasets; give one")
+        return args.dataset
+    efs_root = args.efs_root or (args.state_dir or Path(".local")) / "efs"
+    path = efs_layout.EfsLayout(efs_root).dataset_dir("cifar10")
+    if args.state_dir or args.efs_root or path.is_dir():
+        return path
+    return None
+
+
 # --- formatting -----------------------------------------------------------------------------------------
 
 
@@ -577,4 +736,7 @@ COMMAND_FUNCTIONS: dict[str, Callable[[targets.Target, argparse.Namespace], int]
     "rm": remove_run,
     "start": start_run,
     "resume": resume_run,
+    "curves": plot_curves,
+    "cost": price_run,
+    "model": fetch_model,
 }

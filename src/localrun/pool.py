@@ -29,7 +29,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from localrun import bootstrap, settings
+from localrun import bootstrap, reports, settings
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,10 @@ class WorkerPool:
             worker, cold = checked_out
             result = self._run(worker, request_id, payload, cold, kill_after_s)
             result = _with_duration(result, time.monotonic() - started)
+            if self._spec.log_path is not None:  # what Lambda writes to the log stream: what `cost` reads
+                reports.append_report(
+                    self._spec.log_path, request_id, result.duration_s, self.function.memory_mb
+                )
             log.info(
                 "invocation_finished",
                 extra={

@@ -12,7 +12,12 @@ trainer's own records.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
+import platform
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +26,13 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from localrun import dynamodb_local, environment, template
 from localrun.errors import OperatorError
-from trainer import coordination
+from trainer import config, coordination, efs_layout
 
 STACK_OUTPUTS = ("StatusTableName", "TrainerFunctionName", "BucketName")
 START_PREFIX = "start/"  # the bucket's start objects (the trainer's S3 notification filter)
+# Invocations of a run start up to a minute before its item exists (the start) and may end long after its last
+# update (a late copy, a failure record): the log window of `cost` reaches this far after it.
+LOG_MARGIN_S = 2 * config.DEFAULT_FUNCTION_TIMEOUT_S + 60
 
 
 class Target:
@@ -41,6 +49,22 @@ class Target:
 
     def request_stop(self, run_id: str) -> None:
         raise NotImplementedError
+
+    def log_lines(self, run: coordination.RunStatus) -> Iterator[str]:
+        """The function's log lines that may concern ``run``: its handler's JSON lines and the REPORT lines."""
+        raise NotImplementedError
+
+    def fetch_model(self, run: coordination.RunStatus, destination: Path) -> str:
+        """Copy the run's ``final.keras`` to ``destination``; returns where it came from."""
+        raise NotImplementedError
+
+    def stack_parameters(self) -> dict[str, str] | None:
+        """The deployed stack's parameters (None: no stack; the template's defaults apply)."""
+        return None
+
+    def measurement_note(self) -> str | None:
+        """What to keep in mind about the measured seconds (None: Lambda measured them)."""
+        return None
 
     def close(self) -> None:
         """Release what the target started."""
@@ -66,6 +90,7 @@ class StackTarget(Target):
             self.function_name = outputs["TrainerFunctionName"]
             self.bucket = outputs["BucketName"]
             self.file_system_id = outputs.get("FileSystemId")
+            self.log_group = f"/aws/lambda/{self.function_name}"  # the template's TrainerLogGroup
             self.status = coordination.StatusTable(self.session.resource("dynamodb").Table(self.table_name))
             self.lambda_client = self.session.client("lambda")
             self.s3_client = self.session.client("s3")
@@ -85,6 +110,10 @@ class StackTarget(Target):
                 ) from exc
             raise OperatorError(f"cannot describe stack {self.stack_name}: {message}") from exc
         outputs = {output["OutputKey"]: output["OutputValue"] for output in stacks[0].get("Outputs", [])}
+        self.parameters = {
+            parameter["ParameterKey"]: parameter.get("ParameterValue", "")
+            for parameter in stacks[0].get("Parameters", [])
+        }
         missing = [key for key in STACK_OUTPUTS if key not in outputs]
         if missing:
             raise OperatorError(
@@ -118,6 +147,44 @@ class StackTarget(Target):
         except (BotoCoreError, ClientError) as exc:
             raise OperatorError(f"uploading s3://{self.bucket}/{key} failed: {exc}") from exc
         return f"s3://{self.bucket}/{key}"
+
+    def log_lines(self, run: coordination.RunStatus) -> Iterator[str]:
+        """The trainer's CloudWatch log events from shortly before the run was created to well after its last
+        update: the handler's JSON lines and Lambda's REPORT lines (crashed and duplicate invocations too)."""
+        start_s, end_s = _log_window(run)
+        client = self.session.client("logs")
+        kwargs: dict[str, Any] = {
+            "logGroupName": self.log_group,
+            "startTime": int(start_s * 1000),
+            "endTime": int(end_s * 1000),
+        }
+        try:
+            for page in client.get_paginator("filter_log_events").paginate(**kwargs):
+                for event in page.get("events", []):
+                    yield event.get("message", "")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ResourceNotFoundException":
+                raise OperatorError(
+                    f"log group {self.log_group} does not exist in {self.region}; the trainer has not logged yet"
+                ) from exc
+            raise OperatorError(f"reading log group {self.log_group} failed: {exc}") from exc
+
+    def fetch_model(self, run: coordination.RunStatus, destination: Path) -> str:
+        uri = run.summary.final_model_s3
+        if not uri:
+            raise OperatorError(
+                f"run {run.run_id} has no final.keras in S3 (it was exported only to the stack's EFS, "
+                f"{run.summary.final_model}; runs started before every run exported to the bucket)"
+            )
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        try:
+            self.s3_client.download_file(bucket, key, str(destination))
+        except (BotoCoreError, ClientError) as exc:
+            raise OperatorError(f"downloading {uri} failed: {exc}") from exc
+        return uri
+
+    def stack_parameters(self) -> dict[str, str] | None:
+        return dict(self.parameters)
 
     def undo_kill_switch_command(self) -> str:
         """The command that lifts the kill switch of ``stop --now`` (deletes the trainer's reserved concurrency)."""
@@ -196,6 +263,37 @@ class LocalTarget(Target):
         # What the monitor does on Ctrl-C: flag the run item now, the stop event's own write.
         self.status.request_stop(run_id)
 
+    def log_path(self, run_id: str) -> Path:
+        """Where ``lambdatrain local`` logs a run: the handler's lines and the runtime's REPORT lines."""
+        return self.state_dir / "logs" / f"{run_id}.log"
+
+    def log_lines(self, run: coordination.RunStatus) -> Iterator[str]:
+        path = self.log_path(run.run_id)
+        try:
+            with path.open(errors="replace") as lines:
+                yield from lines
+        except FileNotFoundError:
+            raise OperatorError(
+                f"{path} does not exist: no invocation records of run {run.run_id} (lambdatrain local writes them)"
+            ) from None
+
+    def fetch_model(self, run: coordination.RunStatus, destination: Path) -> str:
+        source = efs_layout.EfsLayout(self.efs_root).final_model_path(run.run_id)
+        try:
+            shutil.copyfile(source, destination)
+        except FileNotFoundError:
+            raise OperatorError(
+                f"{source} does not exist (run {run.run_id} SUCCEEDED; was it removed?)"
+            ) from None
+        return str(source)
+
+    def measurement_note(self) -> str | None:
+        return (
+            f"local run: seconds measured on this machine ({_cpu_name()}, {os.cpu_count()} cores) stand for "
+            "Lambda's at the function's memory; Lambda's vCPUs (one per 1769 MB) are not this machine's cores, so "
+            "the GB-seconds in the cloud scale with how much slower or faster they are"
+        )
+
     def index_runs_on_efs(self) -> None:
         """Runs created before the ``Runs`` index have EFS folders: index those the listing misses."""
         runs_dir = self.efs_root / "runs"
@@ -208,3 +306,21 @@ class LocalTarget(Target):
         database, self.database = self.database, None
         if database is not None:
             database.stop()
+
+
+def _log_window(run: coordination.RunStatus) -> tuple[float, float]:
+    """Epoch seconds: from shortly before the run was created to well after its last update (or now)."""
+    now = dt.datetime.now(dt.UTC).timestamp()
+    created = dt.datetime.fromisoformat(run.created_at).timestamp() if run.created_at else now
+    ended = dt.datetime.fromisoformat(run.updated_at).timestamp() if run.terminal and run.updated_at else now
+    return created - 60.0, min(now, ended + LOG_MARGIN_S)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

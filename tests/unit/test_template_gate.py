@@ -60,6 +60,42 @@ def test_real_template_passes_the_whole_gate(capsys):
 
 BROKEN_ASSERTIONS = [
     pytest.param(
+        "          MODEL_BUCKET: !Sub\n",
+        "          MODEL_BUCKETS: !Sub\n",
+        "TrainerFunction: environment variable MODEL_BUCKET is not set",
+        id="model-bucket-unset",
+    ),
+    pytest.param(
+        'MODEL_BUCKET: !Sub\n            - "lambdatrain-${StackUuid}"',
+        'MODEL_BUCKET: !Sub\n            - "lambdatrain-models-${StackUuid}"',
+        "which is no bucket's BucketName in the template",
+        id="model-bucket-not-the-stacks-bucket",
+    ),
+    pytest.param(
+        '            Resource: !Sub "${DatasetBucket.Arn}/models/*"\n',
+        '            Resource: !Sub "${DatasetBucket.Arn}/model/*"\n',
+        'does not grant s3:PutObject on {"Fn::Sub": "${DatasetBucket.Arn}/models/*"}',
+        id="model-upload-not-granted",
+    ),
+    pytest.param(
+        "    Condition: UseDashboard\n    Properties:\n",
+        "    Properties:\n",
+        "TrainingDashboard: Condition is None",
+        id="dashboard-not-optional",
+    ),
+    pytest.param(
+        '["lambdatrain", "worker_load", "FunctionName"',
+        '["lambdatrain", "worker_load_s", "FunctionName"',
+        "TrainingDashboard: does not plot ['worker_load'] in namespace 'lambdatrain'",
+        id="dashboard-misses-a-metric",
+    ),
+    pytest.param(
+        "  EnableDashboard:\n    Type: String\n",
+        "  EnableDashboards:\n    Type: String\n",
+        "no EnableDashboard parameter",
+        id="dashboard-parameter-missing",
+    ),
+    pytest.param(
         "      DisplayName: lambdatrain alarms\n",
         "      DisplayName: lambdatrain alarms\n      KmsMasterKeyId: alias/aws/sns\n",
         "DeadLetterAlarm: notifies AlarmTopic, encrypted with alias/aws/sns",
@@ -304,6 +340,21 @@ def test_bucket_named_in_the_trainer_policies_is_a_cycle_cfn_lint_catches(tmp_pa
     assert status == 1
     assert "FAIL cfnlint: E3004" in output, output
     assert "Circular Dependencies" in output
+
+
+def test_model_bucket_by_ref_is_a_cycle_cfn_lint_catches(tmp_path, capsys):
+    # Why MODEL_BUCKET spells the bucket's fixed name instead of !Ref DatasetBucket.
+    template = broken_copy(
+        tmp_path,
+        'MODEL_BUCKET: !Sub\n            - "lambdatrain-${StackUuid}"\n'
+        '            - StackUuid: !Select [2, !Split ["/", !Ref AWS::StackId]]\n',
+        "MODEL_BUCKET: !Ref DatasetBucket\n",
+    )
+
+    status, output = run_gate(capsys, template, "--only", "cfnlint")
+
+    assert status == 1
+    assert "FAIL cfnlint: E3004" in output, output
 
 
 def test_file_system_configs_in_globals_fail_sam_validate_lint_and_plain_cfn_lint(tmp_path, capsys):

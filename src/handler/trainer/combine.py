@@ -23,7 +23,7 @@ import numpy as np
 from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError
 
-from trainer import aggregation, housekeeping, logs, models, training
+from trainer import aggregation, budget, config, embedded_metrics, housekeeping, logs, models, training
 from trainer.coordination import (
     RUNNING,
     STOP_REQUESTED,
@@ -49,8 +49,6 @@ from trainer.services import Services, load_global_weights, model_for, require_r
 
 log = logging.getLogger(__name__)
 
-MODEL_PREFIX = "models/"  # where runs started from S3 export final.keras, in the start object's bucket
-
 
 def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
     """What happens when a round is complete: check, load, aggregate, evaluate, write, commit, follow up."""
@@ -70,6 +68,7 @@ def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
     if not_ready is not None:
         return not_ready
 
+    began = time.perf_counter()
     round_index, phases = run.round_index, {}
     inputs = _load_round(run, services, phases)
     new_weights, new_momentum, averaged = _aggregate(run, inputs, phases)
@@ -91,13 +90,34 @@ def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
         bytes_written=bytes_written,
         test_loss=results.get("test_loss"),
         test_accuracy=results.get("test_accuracy"),
+        worker_bytes_read=sum(int(meta.get("bytes_read", 0)) for meta in inputs.worker_meta),
+        worker_bytes_written=inputs.update_bytes
+        + sum(int(meta.get("bytes_written", 0)) for meta in inputs.worker_meta),
+        invocation_s=round(
+            sum(float(meta.get("handler_s", 0.0)) for meta in inputs.worker_meta)
+            + (time.perf_counter() - began),
+            3,
+        ),
+        memory_mb=services.environment.memory_mb,
     )
     summary = RunSummary(test_accuracy=results.get("test_accuracy"), test_loss=results.get("test_loss"))
     committed = _commit_round(run, epochs_done, token, summary, metrics, services)
     if committed is None:
         housekeeping.discard_token(run, token, services.layout)
         return {"status": "ignored", "reason": "round committed by another combine"}
-    logs.event(log, "round_combined", state=committed.state, epochsdone=epochs_done, **results, **phases)
+    logs.event(
+        log,
+        "round_combined",
+        state=committed.state,
+        epochsdone=epochs_done,
+        gb_s=round(metrics.gb_s, 3),
+        # results and phases, with the _aws block that makes them CloudWatch metrics
+        **{
+            **results,
+            **phases,
+            **embedded_metrics.block(services.environment.function_name, {**results, **phases}),
+        },
+    )
     state = _follow_up(committed, services, inputs.model)
     return {"status": "combined", "round": round_index, "state": state, **results}
 
@@ -110,6 +130,7 @@ class _RoundInputs:
     worker_meta: list[dict[str, Any]]
     momentum: list[np.ndarray] | None
     bytes_read: int
+    update_bytes: int  # the update files' sizes: what the workers wrote
 
 
 def _check_all_registered(run: RunStatus, services: Services) -> dict[str, Any] | None:
@@ -154,23 +175,27 @@ def _load_round(run: RunStatus, services: Services, phases: dict[str, float]) ->
             del arrays
     except (ValueError, KeyError) as exc:
         raise LayoutError(f"round {run.round_index}: {exc}") from exc
-    bytes_read = file_size(weights_path) + sum(file_size(path) for path in update_paths)
+    update_bytes = sum(file_size(path) for path in update_paths)
+    bytes_read = file_size(weights_path) + update_bytes
     momentum = None
     if run.config.outer_momentum > 0 and run.round_index > 0:
         momentum_path = layout.outer_state_path(run.run_id, run.round_index, run.weights_token)
         momentum, _ = load_arrays(momentum_path)  # must exist
         bytes_read += file_size(momentum_path)
     phases["load"] = time.perf_counter() - began
-    return _RoundInputs(model, global_weights, average, worker_meta, momentum, bytes_read)
+    return _RoundInputs(model, global_weights, average, worker_meta, momentum, bytes_read, update_bytes)
 
 
 UPDATE_META_FIELDS = {"samples": int, "mean_loss": float, "compute_s": float, "load_s": float}
+# Written since the round metrics count GB-seconds and the workers' bytes; update files of an older trainer lack them.
+OPTIONAL_UPDATE_META_FIELDS = {"handler_s": float, "bytes_read": int, "bytes_written": int}
 
 
 def _update_meta(path: Path) -> dict[str, Any]:
     """An update's metadata, checked: a damaged file fails the run at once instead of being retried."""
     meta = load_meta(path)
-    for name, kind in UPDATE_META_FIELDS.items():
+    optional = {name: kind for name, kind in OPTIONAL_UPDATE_META_FIELDS.items() if name in meta}
+    for name, kind in {**UPDATE_META_FIELDS, **optional}.items():
         value = meta.get(name)
         valid = (
             isinstance(value, int | float)
@@ -246,16 +271,17 @@ def _commit_round(
     metrics: RoundMetrics,
     services: Services,
 ) -> RunStatus | None:
-    """Commit the round once; a stop requested meanwhile is honoured. The run as committed, or None if another
-    combine (or a resume) won."""
+    """Commit the round once; a stop requested meanwhile, or a budget this round used up, is honoured (the run
+    stops after this round, unless it is the last). The run as committed, or None if another combine (or a
+    resume) won."""
     for _ in range(3):
-        new_state = (
-            STOPPED
-            if run.state == STOP_REQUESTED and not run.schedule.is_last(run.round_index)
-            else run.state
-        )
+        last = run.schedule.is_last(run.round_index)
+        over_budget = None if last else budget.exceeded(run, metrics, committed_at=time.time())
+        new_state = STOPPED if (run.state == STOP_REQUESTED or over_budget) and not last else run.state
         try:
-            services.status.commit_round(run, epochs_done, new_state, token, summary, metrics)
+            services.status.commit_round(
+                run, epochs_done, new_state, token, summary, metrics, reason=over_budget
+            )
         except CoordinationConflictError:
             fresh = services.status.get_run(run.run_id)
             if fresh is None or not fresh.is_current(run.round_index) or fresh.generation != run.generation:
@@ -263,11 +289,15 @@ def _commit_round(
                 return None
             run = fresh  # only the state changed (a stop was requested): commit again
             continue
+        if over_budget:
+            logs.event(log, "budget_exhausted", reason=over_budget)
         return dataclasses.replace(
             run,
             round_index=run.round_index + 1,
             epochs_done=epochs_done,
             state=new_state,
+            reason=over_budget or run.reason,
+            gb_s=run.gb_s + metrics.gb_s,
             weights_token=token,
             summary=dataclasses.replace(
                 run.summary,
@@ -337,7 +367,7 @@ def _export_model(model: keras.Model, path: Path) -> None:
 
 def _upload_model(path: Path, run: RunStatus, services: Services) -> str:
     """Copy ``final.keras`` to ``s3://<export bucket>/models/<run>/final.keras`` (managed multipart upload)."""
-    key = f"{MODEL_PREFIX}{run.run_id}/final.keras"
+    key = f"{config.MODEL_PREFIX}{run.run_id}/final.keras"
     try:
         services.s3_client().upload_file(str(path), run.export_bucket, key)
     except (ClientError, BotoCoreError, S3UploadFailedError) as exc:

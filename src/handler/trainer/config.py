@@ -11,6 +11,10 @@ Environment (set by ``template.yaml`` in the cloud and by ``localrun`` on a lapt
 - ``SAFETY_MARGIN_S`` seconds a worker keeps in reserve before the Lambda deadline to save its state (default 60)
 - ``FUNCTION_TIMEOUT_S``  the function's timeout (default 900); the watchdog calls a run stalled after
   ``2 x timeout + 60`` seconds without a heartbeat, which no live invocation can be silent for
+- ``MODEL_BUCKET``    the stack's bucket: every run exports ``final.keras`` to ``models/<run>/`` there (empty or
+  unset: no export, as locally)
+- ``AWS_LAMBDA_FUNCTION_MEMORY_SIZE``  set by Lambda itself (and by ``localrun``): the memory in MB, which with the
+  measured seconds gives a round's GB-seconds (the ``max_gb_s`` budget)
 
 Endpoints are never configured here: boto3 reads ``AWS_ENDPOINT_URL_LAMBDA`` / ``AWS_ENDPOINT_URL_DYNAMODB``.
 """
@@ -36,6 +40,9 @@ ENV_ONEDNN = "TF_ENABLE_ONEDNN_OPTS"
 ENV_LOG_LEVEL = logs.ENV_LOG_LEVEL
 ENV_SAFETY_MARGIN_S = "SAFETY_MARGIN_S"
 ENV_FUNCTION_TIMEOUT_S = "FUNCTION_TIMEOUT_S"
+ENV_MODEL_BUCKET = "MODEL_BUCKET"
+MODEL_PREFIX = "models/"  # final.keras goes to s3://<export bucket>/models/<run>/final.keras
+ENV_MEMORY_SIZE = "AWS_LAMBDA_FUNCTION_MEMORY_SIZE"
 DEFAULT_EFS_ROOT = "/mnt/efs"
 DEFAULT_SAFETY_MARGIN_S = 60.0
 DEFAULT_FUNCTION_TIMEOUT_S = 900.0
@@ -81,6 +88,8 @@ class Environment:
     function_name: str
     safety_margin_s: float
     function_timeout_s: float = DEFAULT_FUNCTION_TIMEOUT_S
+    model_bucket: str | None = None  # every run exports final.keras to s3://<model_bucket>/models/<run>/
+    memory_mb: int = 0  # the function's memory (0: unknown, then rounds record no GB-seconds)
 
     @property
     def stalled_after_s(self) -> float:
@@ -112,7 +121,16 @@ def load(environ: Mapping[str, str] | None = None) -> Environment:
         function_name=environ.get(ENV_FUNCTION_NAME, "lambdatrain-trainer"),
         safety_margin_s=_seconds(environ, ENV_SAFETY_MARGIN_S, DEFAULT_SAFETY_MARGIN_S),
         function_timeout_s=_seconds(environ, ENV_FUNCTION_TIMEOUT_S, DEFAULT_FUNCTION_TIMEOUT_S),
+        model_bucket=environ.get(ENV_MODEL_BUCKET) or None,
+        memory_mb=_memory_mb(environ),
     )
+
+
+def _memory_mb(environ: Mapping[str, str]) -> int:
+    raw = environ.get(ENV_MEMORY_SIZE, "0")
+    if not raw.isdigit():
+        raise ConfigurationError(f"{ENV_MEMORY_SIZE} must be a whole number of MB, got {raw!r}")
+    return int(raw)
 
 
 def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
@@ -206,6 +224,17 @@ class TrainConfig:
         default=None,
         metadata={"help": "start from a named set of algorithm keys (paper); keys given beside it win"},
     )
+    # The run's budget: past either, the run stops itself (STOPPED, with the reason) after the round it is in.
+    max_wall_s: float = dataclasses.field(
+        default=0.0,
+        metadata={"help": "stop after the round that passes N seconds since the start; 0 = no limit"},
+    )
+    max_gb_s: float = dataclasses.field(
+        default=0.0,
+        metadata={
+            "help": "stop after the round that passes N GB-seconds of measured Lambda time; 0 = no limit"
+        },
+    )
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> TrainConfig:
@@ -251,6 +280,8 @@ class TrainConfig:
         _check_range("max_attempts", self.max_attempts, 1, 10)
         if self.preset is not None:
             _check_choice("preset", self.preset, tuple(PRESETS))
+        _check_range("max_wall_s", self.max_wall_s, 0.0, 366 * 86_400.0)
+        _check_range("max_gb_s", self.max_gb_s, 0.0, 1e12)
         if self.model == "vgg19_bn" and self.weights is not None:
             raise InvalidEventError("weights is only supported for model 'vgg19', got model 'vgg19_bn'")
         if self.weights is not None and self.weights != "imagenet":

@@ -27,13 +27,17 @@ Run item ``pk="RUN#<run>"``, ``sk="RUN"``
     ``fanned_out``     the last round whose worker events were all sent
     ``config``         the resolved TrainConfig as JSON
     ``reason``         why a run FAILED; ``final_model`` where ``final.keras`` is; latest ``test_accuracy``/``test_loss``
-    ``export_bucket``  for runs started by an S3 object: ``final.keras`` is also uploaded to ``models/<run>/``
+    ``export_bucket``  the bucket ``final.keras`` is also uploaded to (``models/<run>/``): the start object's for
+                       runs started from S3, else the stack's ``MODEL_BUCKET``; absent locally
+    ``gb_s``           GB-seconds the committed rounds measured (``ADD`` by each commit): the ``max_gb_s`` budget
 Round item ``pk="RUN#<run>"``, ``sk="ROUND#000012"`` (one Query lists a run's rounds in order)
     ``done``                number set of the workers whose update is written (``ADD`` is idempotent)
     ``claimed_generation``, ``claimed_by``, ``claimed_attempt``   the combine claim: won once per generation,
                             re-won only by the same worker on a later attempt (its crash was retried)
     ``epochsdone``, ``train_loss``, ``test_loss``, ``test_accuracy``, ``duration_s`` (map), ``bytes_read``,
     ``bytes_written``       the combine's metrics (an idempotent overwrite, written before the commit)
+    ``worker_bytes_read``, ``worker_bytes_written``, ``invocation_s``, ``memory_mb``   the workers' EFS bytes and
+                            the handler seconds of the round's worker and combine invocations, at that memory
     ``completed_at``        set by the commit itself (one transaction with the run item's advance), with the
                             metrics; later registrations are refused
 
@@ -164,7 +168,7 @@ class RunStatus:
         INITIAL_TOKEN  # names the committed weights (and momentum) files of the current round
     )
     reason: str | None = None
-    export_bucket: str | None = None  # runs started by an S3 object also export final.keras to that bucket
+    export_bucket: str | None = None  # final.keras is also uploaded there (a stack's runs; none locally)
     summary: RunSummary = field(default_factory=RunSummary)
     created_at: str | None = None
     updated_at: str | None = None
@@ -172,6 +176,7 @@ class RunStatus:
     watchdog_resends: int = 0
     instance: str = ""  # set by new(); events name it
     operator_at: str | None = None
+    gb_s: float = 0.0  # GB-seconds the committed rounds measured (the max_gb_s budget)
 
     @classmethod
     def new(
@@ -274,6 +279,7 @@ class RunStatus:
             "weights_token": self.weights_token,
             "watchdog_resends": self.watchdog_resends,
             "instance": self.instance,
+            "gb_s": self.gb_s,
             "schema": SCHEMA_VERSION,
             "kind": RUN_KIND,
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
@@ -326,6 +332,7 @@ class RunStatus:
                 watchdog_resends=int(item.get("watchdog_resends", 0)),
                 instance=str(item["instance"]),
                 operator_at=item.get("operator_at"),
+                gb_s=float(item.get("gb_s", 0)),
             )
             run.check()
             return run
@@ -349,6 +356,17 @@ class RoundMetrics:
     bytes_written: int
     test_loss: float | None = None  # only on rounds followed by an evaluation
     test_accuracy: float | None = None
+    worker_bytes_read: int = 0  # what the workers read from EFS (global weights, saved state, their shards)
+    worker_bytes_written: int = 0  # their update files and saved states
+    invocation_s: float = (
+        0.0  # handler seconds of the round's worker invocations (chained ones too) and combine
+    )
+    memory_mb: int = 0  # the function's memory (0: not recorded)
+
+    @property
+    def gb_s(self) -> float:
+        """The round's measured GB-seconds: what the ``max_gb_s`` budget counts."""
+        return self.invocation_s * self.memory_mb / 1024
 
     def to_item(self) -> dict[str, Any]:
         item = {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
@@ -359,7 +377,9 @@ class RoundMetrics:
     def from_item(cls, item: dict[str, Any]) -> RoundMetrics | None:
         if "train_loss" not in item:
             return None  # the combine has not written them yet
-        values = {name: item.get(name) for name in cls.__dataclass_fields__ if name != "epochs_done"}
+        values = {
+            name: item[name] for name in cls.__dataclass_fields__ if name != "epochs_done" and name in item
+        }
         return cls(epochs_done=int(item.get("epochsdone", 0)), **values)
 
 
@@ -465,10 +485,12 @@ class StatusTable:
         weights_token: str,
         summary: RunSummary,
         metrics: RoundMetrics,
+        reason: str | None = None,
     ) -> None:
         """Commit round r of ``run`` once: in one transaction the run item moves to r+1 (condition on round, state
-        and generation) naming the winner's weights token, and the round item gets the metrics and
-        ``completed_at``. A loser raises :class:`CoordinationConflictError` and has written nothing."""
+        and generation) naming the winner's weights token and adding the round's GB-seconds, and the round item
+        gets the metrics and ``completed_at``. ``reason``: why the run stops here (its budget). A loser raises
+        :class:`CoordinationConflictError` and has written nothing."""
         now = now_iso()
         names = {"#round": "round", "#state": "state"}
         values: dict[str, Any] = {
@@ -481,6 +503,7 @@ class StatusTable:
             ":token": weights_token,
             ":now": now,
             ":zero": 0,
+            ":gbs": metrics.gb_s,
         }
         sets = [
             "#round = :next",
@@ -491,6 +514,9 @@ class StatusTable:
             "heartbeat_at = :now",
             "watchdog_resends = :zero",
         ]
+        if reason is not None:
+            sets.append("reason = :reason")
+            values[":reason"] = reason[:1000]
         for index, (name, value) in enumerate(summary.to_item().items()):
             sets.append(f"#s{index} = :s{index}")
             names[f"#s{index}"] = name
@@ -499,6 +525,7 @@ class StatusTable:
             "Key": run_key(run.run_id),
             "UpdateExpression": "SET "
             + ", ".join(sets)
+            + " ADD gb_s :gbs"
             + ("" if new_state in ACTIVE_STATES else " REMOVE active"),
             "ConditionExpression": "#round = :r AND #state = :seen AND generation = :g",
             "ExpressionAttributeNames": names,

@@ -40,8 +40,16 @@ def start_run(
     cfg = event.config
     run_id = event.run_id or default_run_id
     logs.bind_more(run_id=run_id)
+    if cfg.max_gb_s > 0 and services.environment.memory_mb <= 0:
+        raise InvalidEventError(
+            f"max_gb_s {cfg.max_gb_s:g} needs the function's memory, but {config.ENV_MEMORY_SIZE} is not set "
+            "(Lambda sets it; so does lambdatrain local)"
+        )
     dataset = dataset_for(cfg, services.layout)  # a missing dataset fails here, before anything is written
     digest = dataset_digest(cfg, services.layout)
+    # Every cloud run exports final.keras to the stack's bucket (MODEL_BUCKET); one started by an S3 object, to
+    # the bucket the object came from (the same one in a deployed stack).
+    export_bucket = export_bucket or services.environment.model_bucket
     planned = RunStatus.new(run_id, cfg, len(dataset.train_x), export_bucket, dataset_sha256=digest)
     _check_plan(planned.schedule)
     run = services.status.get_run(run_id)

@@ -31,19 +31,19 @@ class LocalState:
     samples: int = 0
     compute_s: float = 0.0
     invocations: int = 1
+    # What the share's earlier invocations measured (a chained continuation adds its own): handler seconds and
+    # EFS bytes, for the round's metrics and the run's GB-second budget.
+    handler_s: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
 
     def to_meta(self) -> dict[str, float | int]:
-        return {
-            "next_step": self.next_step,
-            "loss_sum": self.loss_sum,
-            "samples": self.samples,
-            "compute_s": self.compute_s,
-            "invocations": self.invocations,
-        }
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_meta(cls, meta: dict) -> LocalState:
-        return cls(**{key: meta[key] for key in cls.__dataclass_fields__})
+        required = ("next_step", "loss_sum", "samples", "compute_s", "invocations")
+        return cls(**{key: meta[key] for key in cls.__dataclass_fields__ if key in required or key in meta})
 
 
 @dataclass

@@ -15,9 +15,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from trainer import logs, models, training
+from trainer import data, logs, models, training
 from trainer.coordination import SUCCEEDED, RunStatus
-from trainer.efs_layout import load_arrays, save_arrays
+from trainer.efs_layout import file_size, load_arrays, save_arrays
 from trainer.errors import CoordinationConflictError, InvalidEventError, TrainingError
 from trainer.protocol import CombineEvent, WorkerEvent
 from trainer.services import Services, load_global_weights, model_for, require_run, run_dataset
@@ -63,11 +63,12 @@ def train_share(
     weights_path = services.layout.weights_path(run.run_id, event.round_index, run.weights_token)
     global_weights = load_global_weights(weights_path, model)
     state = _restore_local_state(event, run, model, global_weights, services)
+    state.bytes_read += file_size(weights_path)
     indices = run.schedule.worker_indices(event.round_index, event.worker_index)
     total_steps = run.schedule.steps(len(indices))
     load_s = time.perf_counter() - began
 
-    first_step = state.next_step
+    first_step, first_samples = state.next_step, state.samples
     done = training.train_steps(
         model,
         dataset,
@@ -81,17 +82,23 @@ def train_share(
         learning_rate=lambda step: run.schedule.learning_rate(event.round_index, step, total_steps),
     )
     steps_now = state.next_step - first_step
+    state.bytes_read += (state.samples - first_samples) * _example_bytes(dataset)
     over = _round_over(event, services)  # a late copy must leave nothing that nobody will read
     if over is not None:
         return _ignored(over)
     if not done:
-        return _continue_later(event, run, model, state, steps_now, load_s, services)
-    path = _write_update(event, run, model, global_weights, state, steps_now, load_s, services)
+        return _continue_later(event, run, model, state, steps_now, load_s, began, services)
+    path = _write_update(event, run, model, global_weights, state, steps_now, load_s, began, services)
     over = _round_over(event, services)
     if over is not None and path is not None:  # the round ended (and was cleaned up) while this one wrote
         _take_back(path, services.layout.run_dir(event.run_id))
         return _ignored(over)
     return None
+
+
+def _example_bytes(dataset: data.Dataset) -> int:
+    """EFS bytes one training example costs to read (its pixels and its label)."""
+    return int(dataset.train_x[:1].nbytes + dataset.train_y[:1].nbytes)
 
 
 def _round_over(event: WorkerEvent, services: Services) -> str | None:
@@ -145,6 +152,9 @@ def _restore_local_state(
         return training.LocalState()
     arrays, meta = load_arrays(partial_path)
     state = training.LocalState.from_meta(meta)
+    saved_bytes = file_size(partial_path)  # written by the previous invocation, read by this one
+    state.bytes_written += saved_bytes
+    state.bytes_read += saved_bytes
     count = len(model.weights)
     model.set_weights(arrays[:count])
     training.restore_optimizer_state(model, arrays[count:])
@@ -174,6 +184,7 @@ def _continue_later(
     state: training.LocalState,
     steps_now: int,
     load_s: float,
+    share_began: float,
     services: Services,
 ) -> dict[str, Any]:
     """Save the model and optimizer state, then invoke this event again from the next step."""
@@ -181,7 +192,8 @@ def _continue_later(
         raise TrainingError("not even one training step fits before the deadline; raise the timeout")
     began = time.perf_counter()
     partial_path = services.layout.partial_path(run.run_id, event.round_index, event.worker_index)
-    size = save_arrays(partial_path, model.get_weights() + training.optimizer_state(model), state.to_meta())
+    saved = dataclasses.replace(state, handler_s=state.handler_s + (began - share_began))
+    size = save_arrays(partial_path, model.get_weights() + training.optimizer_state(model), saved.to_meta())
     over = _round_over(event, services)
     if over is not None:  # the round ended while this copy saved: nobody will continue from it
         _take_back(partial_path, services.layout.run_dir(event.run_id))
@@ -207,6 +219,7 @@ def _write_update(
     state: training.LocalState,
     steps_now: int,
     load_s: float,
+    share_began: float,
     services: Services,
 ) -> Path | None:
     """Write the update: deltas of trainable weights (in ``update_dtype``), values of BatchNorm statistics.
@@ -229,6 +242,11 @@ def _write_update(
         "load_s": load_s,
         "attempt": event.attempt,
         "invocations": state.invocations,
+        # For the round's metrics: handler seconds up to this write (earlier invocations of the share included),
+        # EFS bytes read, and bytes of saved states written (the combine measures the update file itself).
+        "handler_s": state.handler_s + (time.perf_counter() - share_began),
+        "bytes_read": state.bytes_read,
+        "bytes_written": state.bytes_written,
     }
     layout = services.layout
     keeps_optimizer = run.config.local_optimizer == "keep" and not run.schedule.is_last(event.round_index)
