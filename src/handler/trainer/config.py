@@ -166,16 +166,16 @@ class TrainConfig:
     )
     batch_size: int = dataclasses.field(default=128, metadata={"help": "per worker and step"})
     # Local SGD, the schedule's peak; 0.05 diverges early without warm-up.
-    lr: float = dataclasses.field(default=0.02, metadata={"help": "local learning rate"})
+    lr: float = dataclasses.field(default=0.05, metadata={"help": "local learning rate"})
     lr_schedule: str = dataclasses.field(
         default="cosine", metadata={"help": "cosine decay over rounds, or constant"}
     )
     warmup_epochs: float = dataclasses.field(
-        default=0.0, metadata={"help": "linear warm-up of the local learning rate over this many epochs"}
+        default=1.0, metadata={"help": "linear warm-up of the local learning rate over this many epochs"}
     )
     momentum: float = dataclasses.field(default=0.9, metadata={"help": "local SGD momentum"})
     local_optimizer: str = dataclasses.field(
-        default="reset",
+        default="keep",
         metadata={
             "help": "keep: each worker's momentum carries over to its next round (on EFS); reset: it restarts at "
             "zero every round (the paper)"
@@ -185,7 +185,7 @@ class TrainConfig:
         default=5e-4, metadata={"help": "decoupled weight decay of the local optimizer"}
     )
     # Each worker trains 1/rounds_per_epoch of its shard per round.
-    rounds_per_epoch: int = dataclasses.field(default=1, metadata={"help": "combines per epoch"})
+    rounds_per_epoch: int = dataclasses.field(default=4, metadata={"help": "combines per epoch"})
     local_steps: int = dataclasses.field(
         default=0, metadata={"help": "if > 0: mini-batches per worker per round (overrides rounds_per_epoch)"}
     )
