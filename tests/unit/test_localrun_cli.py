@@ -264,7 +264,7 @@ def test_ctrl_c_stops_after_the_round_and_the_run_resumes(
 def test_second_ctrl_c_stops_at_once_and_leaves_no_process(
     state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--run", "aborted", "--epochs", "3", "--env", "FAKE_ROUND_S=5"]
+    argv = ["--run", "aborted", "--epochs", "3", "--env", "FAKE_ROUND_S=120"]
     interrupter = press_ctrl_c(when_exists=state_dir / "efs" / "aborted-round-0.started", times=2)
 
     began = time.monotonic()
@@ -277,7 +277,7 @@ def test_second_ctrl_c_stops_at_once_and_leaves_no_process(
     assert "error: stopped at once; the current round is lost" in captured.err
     assert "run aborted: STOP_REQUESTED" in captured.out
     assert "resume with: lambdatrain local --resume aborted" in captured.err
-    assert elapsed < 8  # the 5 s round was not waited for
+    assert elapsed < 100  # the 120 s round was not waited for (the margin is for a loaded machine's start-up)
     assert multiprocessing.active_children() == []
     assert java_processes_using(state_dir) == []
 
