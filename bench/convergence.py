@@ -173,7 +173,7 @@ def train(event: dict[str, Any], efs_root: Path, table: Any, label: str, progres
         bytes_written=sum(record.metrics.bytes_written for record in rounds if record.metrics),
         wall_s=round(wall_s, 1),
         img_per_s=round(images / wall_s, 1),
-        commit=_commit(),
+        commit=CODE_COMMIT,
         host=os.uname().nodename,
         started=started,
     )
@@ -193,6 +193,9 @@ def _commit() -> str:
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+CODE_COMMIT = _commit()  # at import, when the trainer's modules are read: the code a run trains with
 
 
 def parse_settings(pairs: Sequence[str]) -> dict[str, Any]:
