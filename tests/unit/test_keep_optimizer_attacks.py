@@ -280,10 +280,7 @@ def test_held_a_truncated_kept_state_fails_the_run_at_once_naming_the_file(harne
     assert harness.invoke(record)["status"] == "ignored"  # not retried
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT 3: a kept state that does not fit the model raises ValueError (retryable), not LayoutError: retried max_attempts times instead of failing the run at once naming the file",
-)
+# DEFECT 3: broke on main (xfail strict there); fixed on branch review10.
 @pytest.mark.parametrize("damage", ["one_array_short", "wrong_shapes"])
 def test_a_kept_state_of_another_configuration_fails_the_run_at_once_and_is_not_retried(
     harness: Harness, damage: str
@@ -318,10 +315,7 @@ def test_a_kept_state_of_another_configuration_fails_the_run_at_once_and_is_not_
 # --- DEFECTS 1, 2: a late copy's kept state outlives its take-back ---------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT 1: _take_back removes a late copy's update but not the kept state it wrote just before it (local/round-(r+1)/worker-k.npz stays; the run folder outlives rm)",
-)
+# DEFECT 1: broke on main (xfail strict there); fixed on branch review10.
 def test_a_late_worker_copy_leaves_no_kept_state_behind_a_succeeded_run(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -349,10 +343,7 @@ def test_a_late_worker_copy_leaves_no_kept_state_behind_a_succeeded_run(
     assert run_files(harness, "late") == ["config.json", "final.keras"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT 1: _take_back removes a late copy's update but not the kept state it wrote just before it (local/round-(r+1)/worker-k.npz stays; the run folder outlives rm)",
-)
+# DEFECT 1: broke on main (xfail strict there); fixed on branch review10.
 def test_rm_while_a_keep_worker_is_in_flight_leaves_no_folder_and_the_id_can_start_again(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -379,10 +370,7 @@ def test_rm_while_a_keep_worker_is_in_flight_leaves_no_folder_and_the_id_can_sta
     assert harness.invoke(start_event("gone", **config))["status"] == "started"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT 2: a kept state left by a removed run's late worker under a new run's name is write-once and carries no instance: the new run restores the old run's momentum",
-)
+# DEFECT 2: broke on main (xfail strict there); fixed on branch review10.
 def test_a_new_run_of_the_same_id_never_trains_from_the_removed_runs_kept_state(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -419,10 +407,7 @@ def test_a_new_run_of_the_same_id_never_trains_from_the_removed_runs_kept_state(
     assert_same_weights(harness.final_weights("again"), want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT 2: a kept state left by a removed run's late worker under a new run's name is write-once and carries no instance: the new run restores the old run's momentum",
-)
+# DEFECT 2: broke on main (xfail strict there); fixed on branch review10.
 def test_a_kept_state_another_instance_left_under_the_name_is_never_restored(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -622,10 +607,7 @@ def test_held_a_preset_beside_explicit_keys_resolves_once_and_survives_the_statu
     assert json.loads(harness.layout.config_path("pr").read_text())["local_optimizer"] == "keep"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT 4: a run stored before local_optimizer/warmup_epochs existed reads back with the new defaults (keep, 1-epoch warm-up): it switches algorithm on resume",
-)
+# DEFECT 4: broke on main (xfail strict there); fixed on branch review10.
 def test_a_run_stored_before_the_new_keys_resumes_with_the_algorithm_it_started_with(
     harness: Harness,
 ) -> None:
