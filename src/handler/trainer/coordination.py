@@ -79,6 +79,8 @@ TERMINAL_STATES = (STOPPED, SUCCEEDED, FAILED)
 RUN_SORT_KEY = "RUN"
 ROUND_PREFIX = "ROUND#"
 MAX_ROUNDS = 999_999  # round sort keys have six digits: a run may not plan more rounds (they would misorder)
+# Keys a run stored before they existed had these values (not today's defaults): such a run goes on as it began.
+LEGACY_CONFIG = {"local_optimizer": "reset", "warmup_epochs": 0.0}
 SCHEMA_VERSION = 2  # 1: items before num_train, tokens and the active index; refused with a clear reason
 ACTIVE_INDEX = "ActiveRuns"  # sparse GSI over run items that carry ``active`` (template.yaml declares it)
 RUNS_INDEX = (
@@ -310,7 +312,7 @@ class RunStatus:
                 "version that started it"
             )
         try:
-            config = TrainConfig.from_mapping(json.loads(item["config"]))
+            config = TrainConfig.from_mapping({**LEGACY_CONFIG, **json.loads(item["config"])})
             run = cls(
                 run_id=run_id,
                 state=item["state"],

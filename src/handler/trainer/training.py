@@ -77,6 +77,10 @@ def restore_optimizer_state(model: keras.Model, arrays: list[np.ndarray]) -> Non
     if len(arrays) != len(variables):
         raise ValueError(f"optimizer state has {len(arrays)} arrays, the model's optimizer {len(variables)}")
     for variable, value in zip(variables, arrays, strict=True):
+        if tuple(np.shape(value)) != tuple(variable.shape):
+            raise ValueError(
+                f"optimizer variable {variable.path} has shape {variable.shape}, the state {np.shape(value)}"
+            )
         variable.assign(value)
 
 

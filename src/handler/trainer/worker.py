@@ -18,7 +18,7 @@ import numpy as np
 from trainer import data, logs, models, training
 from trainer.coordination import SUCCEEDED, RunStatus
 from trainer.efs_layout import file_size, load_arrays, save_arrays
-from trainer.errors import CoordinationConflictError, InvalidEventError, TrainingError
+from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError, TrainingError
 from trainer.protocol import CombineEvent, WorkerEvent
 from trainer.services import Services, load_global_weights, model_for, require_run, run_dataset
 
@@ -88,10 +88,11 @@ def train_share(
         return _ignored(over)
     if not done:
         return _continue_later(event, run, model, state, steps_now, load_s, began, services)
-    path = _write_update(event, run, model, global_weights, state, steps_now, load_s, began, services)
+    written = _write_update(event, run, model, global_weights, state, steps_now, load_s, began, services)
     over = _round_over(event, services)
-    if over is not None and path is not None:  # the round ended (and was cleaned up) while this one wrote
-        _take_back(path, services.layout.run_dir(event.run_id))
+    if over is not None and written:  # the round ended (and was cleaned up) while this one wrote
+        for path in written:  # its kept optimizer state too: nobody of this run will read it
+            _take_back(path, services.layout.run_dir(event.run_id))
         return _ignored(over)
     return None
 
@@ -157,7 +158,7 @@ def _restore_local_state(
     state.bytes_read += saved_bytes
     count = len(model.weights)
     model.set_weights(arrays[:count])
-    training.restore_optimizer_state(model, arrays[count:])
+    _restore_optimizer(model, arrays[count:], partial_path)
     state.invocations += 1
     logs.event(log, "continued_from_saved_state", step=state.next_step, resume_step=event.resume_step)
     return state
@@ -169,12 +170,22 @@ def _restore_kept_optimizer(
     """Load the optimizer state this worker's previous round left for it. Missing (a run resumed from a state
     written before it kept momentum): start from zero, as a reset would."""
     path = services.layout.local_state_path(run.run_id, event.round_index, event.worker_index)
-    try:
-        arrays, _ = load_arrays(path)
-    except FileNotFoundError:
+    if not path.exists():
         logs.event(log, "kept_optimizer_state_missing", level=logging.WARNING, path=str(path))
         return
-    training.restore_optimizer_state(model, arrays)
+    arrays, meta = load_arrays(path)
+    if meta.get("instance", run.instance) != run.instance:  # a removed run's late worker left it: not ours
+        logs.event(log, "kept_optimizer_state_foreign", level=logging.WARNING, path=str(path))
+        return
+    _restore_optimizer(model, arrays, path)
+
+
+def _restore_optimizer(model: keras.Model, arrays: list[np.ndarray], path: Path) -> None:
+    """A saved optimizer state that does not fit the model is a damaged file (not retried), naming it."""
+    try:
+        training.restore_optimizer_state(model, arrays)
+    except ValueError as exc:
+        raise LayoutError(f"{path}: does not fit the model's optimizer ({exc})") from exc
 
 
 def _continue_later(
@@ -221,9 +232,10 @@ def _write_update(
     load_s: float,
     share_began: float,
     services: Services,
-) -> Path | None:
+) -> list[Path]:
     """Write the update: deltas of trainable weights (in ``update_dtype``), values of BatchNorm statistics.
-    Returns its path if this call published it (None: another copy had already)."""
+    Returns the paths this call published: the update and the kept optimizer state written before it (none
+    when another copy had already published them)."""
     began = time.perf_counter()
     dtype = np.dtype(run.config.update_dtype)
     update = [
@@ -249,20 +261,20 @@ def _write_update(
         "bytes_written": state.bytes_written,
     }
     layout = services.layout
+    written: list[Path] = []
     keeps_optimizer = run.config.local_optimizer == "keep" and not run.schedule.is_last(event.round_index)
     if keeps_optimizer:  # before the update: a written update implies its worker's next optimizer state
-        save_arrays(
-            layout.local_state_path(run.run_id, event.round_index + 1, event.worker_index),
-            training.optimizer_state(model),
-            {"round": event.round_index + 1, "worker": event.worker_index},
-            once=True,
-        )
+        kept = layout.local_state_path(run.run_id, event.round_index + 1, event.worker_index)
+        kept_meta = {"round": event.round_index + 1, "worker": event.worker_index, "instance": run.instance}
+        if save_arrays(kept, training.optimizer_state(model), kept_meta, once=True):
+            written.append(kept)
     path = layout.update_path(run.run_id, event.round_index, event.worker_index)
     size = save_arrays(path, update, meta, once=True)  # a copy that finished first has already won
     layout.partial_path(run.run_id, event.round_index, event.worker_index).unlink(missing_ok=True)
     if not size:
         logs.event(log, "update_already_written")
-        return None
+        return written
+    written.append(path)
     throughput = (steps_now * run.config.batch_size) / max(state.compute_s, 1e-9) if steps_now else 0.0
     logs.event(
         log,
@@ -276,7 +288,7 @@ def _write_update(
         write_s=round(time.perf_counter() - began, 3),
         size_bytes=size,
     )
-    return path
+    return written
 
 
 def _register(event: WorkerEvent, run: RunStatus, services: Services) -> dict[str, Any]:
