@@ -45,11 +45,11 @@ def test_epochs_done_counts_completed_epochs() -> None:
 
 
 def test_cosine_schedule_decays_from_lr_and_constant_stays() -> None:
-    cosine = Schedule(TrainConfig(lr=0.1, epochs=4), num_train=100)
+    cosine = Schedule(TrainConfig(lr=0.1, epochs=4, warmup_epochs=0), num_train=100)
     rates = [cosine.learning_rate(r) for r in range(4)]
     assert rates[0] == pytest.approx(0.1)
     assert rates == sorted(rates, reverse=True) and rates[-1] > 0
-    constant = Schedule(TrainConfig(lr=0.1, epochs=4, lr_schedule="constant"), num_train=100)
+    constant = Schedule(TrainConfig(lr=0.1, epochs=4, lr_schedule="constant", warmup_epochs=0), num_train=100)
     assert {constant.learning_rate(r) for r in range(4)} == {0.1}
 
 
@@ -70,3 +70,9 @@ def test_rate_depends_on_the_position_in_the_run_not_on_how_it_is_cut_into_round
     # step 5 of 8 in round 1 of a 1-round epoch = step 1 of 2 in round 6 of a 4-round epoch (13/16 of the run)
     assert one.learning_rate(1, 5, 8) == pytest.approx(four.learning_rate(6, 1, 2))
     assert one.learning_rate(0, 2, 8) == pytest.approx(four.learning_rate(1, 0, 2))  # in the warm-up
+
+
+def test_a_warm_up_longer_than_half_the_run_is_cut_to_half() -> None:
+    short = Schedule(TrainConfig(lr=0.1, epochs=1, rounds_per_epoch=4, warmup_epochs=1), num_train=100)
+    assert short.learning_rate(1, 9, 10) == pytest.approx(0.1)  # the peak at half the run
+    assert short.learning_rate(3, 9, 10) < 0.01  # then the cosine decays
