@@ -1,4 +1,5 @@
-"""The account's Lambda concurrency, checked when a run starts instead of throttling it halfway.
+"""What a run needs from Lambda, checked when it starts instead of failing halfway: the account's concurrency,
+and the function's memory for the round's combine (or commit).
 
 A run executes ``workers`` worker invocations at once, plus the combiner that the last of them invokes: it needs
 ``workers + 1`` concurrent executions of the trainer. Lambda throttles asynchronous invocations beyond the
@@ -9,6 +10,10 @@ the quota to ask for.
 Where the Lambda API has no ``GetAccountSettings`` (the local runtime's Invoke API answers 404/501, an emulator
 may answer ``UnknownOperationException``), the check is skipped with a logged ``concurrency_check_skipped``:
 a local run has no account quota to exceed. Every other error propagates.
+
+:func:`check_memory` refuses a run whose combine cannot fit the function's memory (``AWS_LAMBDA_FUNCTION_MEMORY_SIZE``,
+which Lambda sets, and ``localrun`` from its settings): a measured baseline (the runtime, TensorFlow, the model's
+graph and an evaluation) plus the model-sized arrays the largest reducing invocation holds at once.
 """
 
 from __future__ import annotations
@@ -81,6 +86,51 @@ def check_concurrency(
             f"{unreserved} (limit {total}, {reserved_elsewhere} reserved by other functions); ask for at least "
             f"{needed + reserved_elsewhere} in Service Quotas (AWS Lambda, '{QUOTA_NAME}', {QUOTA_CODE}), or start "
             f"with workers <= {max(unreserved - 1, 0)}"
+        )
+
+
+# Peak RSS of a combine through the handler in a fresh process, minus the model-sized arrays it holds, measured by
+# bench/scale_bench.py (bench/RESULTS.md, "Peak memory"): the runtime, TensorFlow, Keras and the model's graph.
+BASELINE_MB = 1100
+# Model-sized float32 arrays held at once (trainer/combine.py; trainer/reduce.py):
+COMBINE_COPIES = (
+    7  # the model, the round's weights, the float64 sum (2), an update, the average, the new weights
+)
+COMMIT_COPIES = 2  # a sharded round's commit: the model and the assembled weights (plus one slice)
+REDUCER_COPIES = 7  # a reducer holds the combine's arrays, but only on its 1/K slice
+MOMENTUM_COPIES = 2  # the outer momentum, old and new (combine), or new (commit) and a slice's old
+
+
+def combine_memory_mb(parameters: int, reducers: int, outer_momentum: bool) -> tuple[float, str]:
+    """Peak memory of the round's largest reducing invocation in MB, and the arithmetic as words."""
+    model_mb = parameters * 4 / 2**20
+    momentum = MOMENTUM_COPIES if outer_momentum else 0
+    if reducers == 1:
+        copies: float = COMBINE_COPIES + momentum
+        who = "a combine"
+    else:
+        copies = max(COMMIT_COPIES + momentum / 2 + 1 / reducers, (REDUCER_COPIES + momentum) / reducers)
+        who = f"the commit of {reducers} reducers"
+    total = BASELINE_MB + copies * model_mb
+    arithmetic = (
+        f"{who} holds {copies:.2f} copies of the {model_mb:.0f} MB model ({parameters:,} float32 weights) = "
+        f"{copies * model_mb:.0f} MB, plus a {BASELINE_MB} MB baseline = {total:.0f} MB"
+    )
+    return total, arithmetic
+
+
+def check_memory(parameters: int, reducers: int, outer_momentum: bool, memory_mb: int) -> None:
+    """Raise :class:`InvalidEventError` if the round's combine (or commit) cannot fit ``memory_mb``; skipped
+    where the function's memory is not known (0)."""
+    if memory_mb <= 0:
+        logs.event(log, "memory_check_skipped", reason="AWS_LAMBDA_FUNCTION_MEMORY_SIZE is not set")
+        return
+    needed, arithmetic = combine_memory_mb(parameters, reducers, outer_momentum)
+    logs.event(log, "memory_checked", needed_mb=round(needed), memory_mb=memory_mb)
+    if needed > memory_mb:
+        raise InvalidEventError(
+            f"this configuration's round does not fit the function's {memory_mb} MB: {arithmetic}; use a "
+            "smaller model (width, model), more reducers (reducers), or more memory (MemorySize, at most 10240)"
         )
 
 
