@@ -134,6 +134,25 @@ class SlicePlan:
         return tuple(sum(s.stop - s.start for s in self.segments(k, part)) for part in (True, False))  # type: ignore[return-value]
 
 
+def encode_update(
+    update: Sequence[np.ndarray], trainable: Sequence[bool], slices: int
+) -> tuple[list[np.ndarray], dict[str, object]]:
+    """An update's arrays as a sharded worker writes them (one packed member per slice), and the metadata that
+    describes the layout; with one slice, the arrays as they are (the combine's format) and no metadata."""
+    if slices == 1:
+        return list(update), {}
+    plan = SlicePlan.of([array.shape for array in update], trainable, slices)
+    members = [
+        pack(
+            plan.cut(update, k, trainable=True),
+            plan.cut(update, k, trainable=False, dtype=np.dtype(np.float32)),
+        )
+        for k in range(slices)
+    ]
+    layout = {"shapes": [list(shape) for shape in plan.shapes], "trainable": list(plan.trainable)}
+    return members, {"slices": slices, "layout": layout}
+
+
 def pack(trainable_part: np.ndarray, statistics_part: np.ndarray) -> np.ndarray:
     """One slice of an update as bytes: the trainable part, then the statistics part (float32)."""
     return np.concatenate(

@@ -261,16 +261,8 @@ def _write_update(
         "bytes_read": state.bytes_read,
         "bytes_written": state.bytes_written,
     }
-    if run.reducers > 1:
-        plan = sharding.SlicePlan.of([array.shape for array in update], trainable, run.reducers)
-        update = [
-            sharding.pack(
-                plan.cut(update, k, trainable=True), plan.cut(update, k, trainable=False, dtype=np.float32)
-            )
-            for k in range(run.reducers)
-        ]
-        meta["slices"] = run.reducers
-        meta["layout"] = {"shapes": [list(shape) for shape in plan.shapes], "trainable": list(plan.trainable)}
+    update, sharded_layout = sharding.encode_update(update, trainable, run.reducers)
+    meta.update(sharded_layout)
     layout = services.layout
     written: list[Path] = []
     keeps_optimizer = run.config.local_optimizer == "keep" and not run.schedule.is_last(event.round_index)
