@@ -5,7 +5,7 @@ worker registered) is averaged through the real handler, each invocation in a fr
 (``python bench/scale_bench.py invoke EVENT``): once by one combine (``reducers`` 1) and once by the sharded
 reduce (``reducers`` = the automatic count, at least 2), whose reducers run one after another, the last one
 committing. Each invocation reports its wall time (the handler call, not the interpreter's start), its peak RSS
-(``ru_maxrss``) and, from the round item, the bytes every phase read. Update deltas are synthetic (float32 noise);
+(``VmHWM``) and, from the round item, the bytes every phase read. Update deltas are synthetic (float32 noise);
 ``--distinct`` different files are written per run and hard-linked to reach N (the combine reads each link in
 full, but the page cache serves repeated reads: this host's reads are memory-speed, EFS's are modelled below).
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -56,15 +55,24 @@ class Context:
 # --- one invocation in a fresh process ---------------------------------------------------------------------
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS (``VmHWM``). Not ``ru_maxrss``: Linux carries that across ``exec`` from the
+    forking parent, whose own peak (the benchmark's model and files) it would report."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM")
+
+
 def run_invoke(event_json: str) -> int:
     """The child: import the handler (as a cold container does), then time one invocation."""
     import app
 
-    imported_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    imported_rss = peak_rss_mib()
     began = time.perf_counter()
     result = app.lambda_handler(json.loads(event_json), Context())
     wall = time.perf_counter() - began
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     print(
         json.dumps({"wall_s": wall, "peak_rss_mib": peak, "import_rss_mib": imported_rss, "result": result})
     )
@@ -250,7 +258,8 @@ def components(results: dict[str, Any]) -> dict[str, float]:
         walls = [invocation["wall_s"] for invocation in run["invocations"]]
         per_reducer_updates = run["workers"] / run["reducers"]
         reducer_points.extend((per_reducer_updates, wall) for wall in walls[:-1])
-        commit_points.append((run["workers"], walls[-1] - run["duration_s"].get("reduce", 0.0)))
+        # The last reducer reduced its slice, then committed: its wall minus a typical reducer's.
+        commit_points.append((run["workers"], walls[-1] - sorted(walls[:-1])[len(walls[:-1]) // 2]))
     combine_a, combine_b = fit_line(single)
     reducer_a, reducer_b = fit_line(reducer_points)
     commit = sorted(wall for _, wall in commit_points)[len(commit_points) // 2]
@@ -298,8 +307,8 @@ def model(args: argparse.Namespace) -> int:
     cost = components(results)
     parameters = int(results["parameters"])
 
-    def auto(workers: int) -> int:
-        return max(2, sharding.reducer_count(0, workers, parameters, 4))
+    def auto(workers: int) -> int:  # what the trainer picks: one combine up to 6 workers at full width
+        return sharding.reducer_count(0, workers, parameters, 4)
 
     scenarios = {
         "paper: one combine, 3,008 MB Lambda, EFS bursting": {"memory_mb": 3008, "efs": "bursting"},

@@ -51,15 +51,15 @@ def run_reducer(event: ReduceEvent, services: Services) -> dict[str, Any]:
             return {"status": "finished" if state == SUCCEEDED else "fanned_out", "round": run.round_index}
         logs.event(log, "stale_reducer_ignored", run_round=run.round_index, state=run.state)
         return {"status": "ignored", "reason": f"run is {run.state} at round {run.round_index}"}
+    not_ready = combine.check_all_registered(run, services)  # reads only
+    if not_ready is not None:
+        return not_ready
     if event.num_workers != run.config.workers or event.num_reducers != run.reducers:
         raise InvalidEventError(
             f"workers {event.num_workers} and reducers {event.num_reducers} do not match the run's "
             f"{run.config.workers} workers and {run.reducers} reducers"
         )
     services.status.heartbeat(run.run_id)
-    not_ready = combine.check_all_registered(run, services)
-    if not_ready is not None:
-        return not_ready
     if services.layout.slice_path(run.run_id, run.round_index, event.reducer_index).exists():
         logs.event(log, "slice_already_written")
     else:

@@ -67,7 +67,10 @@ def start_run(
         )
         if services.lambda_api is not None:  # refuse a run the account cannot execute
             quotas.check_concurrency(
-                services.lambda_api, cfg.workers, function_name=services.environment.function_name
+                services.lambda_api,
+                cfg.workers,
+                function_name=services.environment.function_name,
+                reducers=planned.reducers,
             )
         with contextlib.suppress(CoordinationConflictError):  # a concurrent duplicate won: checked below
             services.status.create_run(planned)
