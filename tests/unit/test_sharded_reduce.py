@@ -192,6 +192,44 @@ def test_a_resume_between_the_reduce_and_the_commit_reuses_the_slices(
     assert run_files(harness, "resumed") == ["config.json", "final.keras"]
 
 
+def test_a_resume_after_every_slice_registered_but_the_committer_died_commits_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, reference: list[np.ndarray]
+) -> None:
+    harness.invoke(start_event("orphan", **SHARDED))
+    first, second = until_reducers(harness)
+    harness.invoke(first)
+    commit_round = harness.status.commit_round
+    monkeypatch.setattr(harness.status, "commit_round", lambda *args: (_ for _ in ()).throw(Crash("killed")))
+    with pytest.raises(Crash):
+        harness.invoke(second)  # registered, claimed the commit, died before it; its failure record is lost
+    monkeypatch.setattr(harness.status, "commit_round", commit_round)
+    assert harness.status.get_round("orphan", 0).reduced == {0, 1}
+    assert harness.invoke({"start": True, "run": "orphan", "resume": True})["status"] == "resumed"
+    harness.drain(duplicate=True)
+    run = harness.run("orphan")
+    assert run.state == "SUCCEEDED" and run.generation == 2
+    assert_same_weights(harness.final_weights("orphan"), reference)
+    assert run_files(harness, "orphan") == ["config.json", "final.keras"]  # the dead commit's files went too
+
+
+def test_lost_reduce_events_are_resent_by_the_watchdog_under_a_new_generation(
+    harness: Harness, reference: list[np.ndarray]
+) -> None:
+    import datetime as dt
+
+    from trainer import watchdog
+
+    harness.invoke(start_event("lost", **SHARDED))
+    first, _second = until_reducers(harness)
+    assert harness.invoke(first)["status"] == "reduced"  # the other reducer's event is lost
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
+    assert watchdog.check_runs(harness.services, now=later)["actions"] == {"lost": "resent"}
+    harness.drain()  # the workers find their updates, the claim goes to generation 2, both reducers are sent
+    run = harness.run("lost")
+    assert run.state == "SUCCEEDED" and run.generation == 2
+    assert_same_weights(harness.final_weights("lost"), reference)
+
+
 def test_a_late_reducer_of_a_committed_round_leaves_no_slice_behind(harness: Harness) -> None:
     harness.invoke(start_event("late", **SHARDED))
     first, second = until_reducers(harness)
