@@ -199,7 +199,9 @@ def test_a_resume_after_every_slice_registered_but_the_committer_died_commits_on
     first, second = until_reducers(harness)
     harness.invoke(first)
     commit_round = harness.status.commit_round
-    monkeypatch.setattr(harness.status, "commit_round", lambda *args: (_ for _ in ()).throw(Crash("killed")))
+    monkeypatch.setattr(
+        harness.status, "commit_round", lambda *args, **kwargs: (_ for _ in ()).throw(Crash("killed"))
+    )
     with pytest.raises(Crash):
         harness.invoke(second)  # registered, claimed the commit, died before it; its failure record is lost
     monkeypatch.setattr(harness.status, "commit_round", commit_round)
