@@ -11,7 +11,7 @@ config.set_tensorflow_defaults()  # before anything below imports TensorFlow
 import logging  # noqa: E402
 from typing import Any  # noqa: E402
 
-from trainer import combine, errors, failures, logs, protocol, runs, watchdog, worker  # noqa: E402
+from trainer import combine, errors, failures, logs, protocol, reduce, runs, watchdog, worker  # noqa: E402
 from trainer.services import Services  # noqa: E402
 
 logs.setup()
@@ -41,6 +41,8 @@ def handle(event: Any, context: Any, services: Services | None = None) -> dict[s
                 return worker.run_worker(parsed, services, context)
             case protocol.CombineEvent():
                 return combine.run_combine(parsed, services)
+            case protocol.ReduceEvent():
+                return reduce.run_reducer(parsed, services)
             case protocol.StopEvent():
                 return runs.stop_run(parsed, services)
             case protocol.WatchdogEvent():

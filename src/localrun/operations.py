@@ -268,8 +268,16 @@ def show_status(target: targets.Target, args: argparse.Namespace) -> int:
         print("  rounds      none completed yet")
         return 0
     phases: list[str] = []
+    byte_phases: list[str] = []  # phases whose bytes the round items record (worker, combine, reduce, commit)
     for _, metrics in completed:
         phases.extend(phase for phase in metrics.duration_s if phase not in phases)
+        byte_phases.extend(
+            phase
+            for phase in metrics.phase_bytes_read
+            if not phase.endswith("_max") and phase not in byte_phases
+        )
+    order = {phase: position for position, phase in enumerate(BYTE_PHASES)}
+    byte_phases.sort(key=lambda phase: (order.get(phase, len(order)), phase))  # DynamoDB keeps no map order
     header = (
         "ROUND",
         "EPOCH",
@@ -279,6 +287,7 @@ def show_status(target: targets.Target, args: argparse.Namespace) -> int:
         *(f"{p} s" for p in phases),
         "READ MB",
         "WRITTEN MB",
+        *(f"{phase.upper()} MB R/W" for phase in byte_phases),
     )
     rows = [header]
     for record, metrics in completed:
@@ -292,6 +301,7 @@ def show_status(target: targets.Target, args: argparse.Namespace) -> int:
                 *(f"{float(metrics.duration_s.get(p, 0)):.1f}" for p in phases),
                 f"{int(metrics.bytes_read) / 1e6:.1f}",
                 f"{int(metrics.bytes_written) / 1e6:.1f}",
+                *(format_phase_bytes(metrics, phase) for phase in byte_phases),
             )
         )
     print()
@@ -306,6 +316,21 @@ def describe_budget(run: coordination.RunStatus) -> str:
     ]
     spent = f"{run.gb_s:,.1f} GB-s measured by the committed rounds"
     return f"{spent} ({', '.join(limit for limit in limits if limit) or 'no limit'})"
+
+
+BYTE_PHASES = ("worker", "combine", "reduce", "commit")  # the order of a round's phases
+
+
+def format_phase_bytes(metrics: coordination.RoundMetrics, phase: str) -> str:
+    """A phase's megabytes read/written over all its invocations, and by its largest one where it has many:
+    ``5120.0/80.2 max 512.0/8.0``."""
+    read, written = metrics.phase_bytes_read, metrics.phase_bytes_written
+    if phase not in read:
+        return "-"
+    cell = f"{read[phase] / 1e6:.1f}/{written.get(phase, 0) / 1e6:.1f}"
+    if f"{phase}_max" in read:
+        cell += f" max {read[f'{phase}_max'] / 1e6:.1f}/{written.get(f'{phase}_max', 0) / 1e6:.1f}"
+    return cell
 
 
 def describe_model(target: targets.Target, run: coordination.RunStatus) -> str:

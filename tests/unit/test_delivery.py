@@ -283,6 +283,8 @@ class Chaos:
         "resume_run",
         "register_worker",
         "claim_combine",
+        "register_reducer",
+        "claim_commit",
         "commit_round",
         "mark_fanned_out",
         "finish_run",
@@ -291,14 +293,14 @@ class Chaos:
     )
 
     def __init__(self, harness: Harness, monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator) -> None:
-        from trainer import combine, runs
+        from trainer import combine, reduce, runs
         from trainer import worker as worker_module
 
         self.rng, self.armed, self.crash_rate = rng, False, 0.08
         for name in self.SIDE_EFFECTS:
             monkeypatch.setattr(harness.status, name, self.wrap(getattr(harness.status, name)))
         monkeypatch.setattr(harness.invoker, "invoke_async", self.wrap(harness.invoker.invoke_async))
-        for module in (worker_module, combine, runs):
+        for module in (worker_module, combine, reduce, runs):
             monkeypatch.setattr(module, "save_arrays", self.wrap(module.save_arrays))
         monkeypatch.setattr(combine, "publish_file", self.wrap(combine.publish_file))
 
@@ -352,11 +354,16 @@ def deliver_chaotically(harness: Harness, chaos: Chaos, run_id: str, rng: np.ran
     raise AssertionError(f"run {run_id} never ended: {story[-20:]}")
 
 
+@pytest.mark.parametrize(
+    "sharding",
+    [{"workers": 2}, {"workers": 3, "reducers": 2, "outer_momentum": 0.9}],
+    ids=["combine", "sharded-reduce"],
+)
 def test_random_delivery_schedules_end_every_run_correctly(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, sharding: dict[str, Any]
 ) -> None:
-    config = {"workers": 2, "epochs": 1, "rounds_per_epoch": 2, "max_attempts": 3}
-    harness.invoke(start_event("reference", **config))
+    config = {**sharding, "epochs": 1, "rounds_per_epoch": 2, "max_attempts": 3}
+    harness.invoke(start_event("reference", **{**config, "reducers": 1}))  # one combine: the reference
     harness.drain()
     reference = harness.final_weights("reference")
     chaos = Chaos(harness, monkeypatch, np.random.default_rng(2026))

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import io
 import json
+import re
 import threading
 import time
 import uuid
@@ -317,6 +318,47 @@ def test_status_shows_state_configuration_rounds_and_model(
                               "compute", "s", "aggregate", "s", "READ", "MB", "WRITTEN", "MB"]  # fmt: skip
     row = next(line for line in out.splitlines() if line.startswith("3 "))
     assert row.split() == ["3", "2", "1.7000", "1.5000", "42.0%", "1.0", "2.5", "0.5", "2.0", "1.0"]
+
+
+def test_status_shows_the_bytes_each_phase_read_and_wrote(
+    place: Place, capsys: pytest.CaptureFixture[str]
+) -> None:
+    new_run(place.status, "sharded", "2026-11-27T09:00:00+00:00")
+    run = place.status.get_run("sharded")
+    assert run is not None
+    place.status.register_worker("sharded", 0, 0)
+    metrics = coordination.RoundMetrics(
+        epochs_done=0,
+        samples=100,
+        train_loss=2.0,
+        duration_s={"reduce": 1.0},
+        bytes_read=6_000_000,
+        bytes_written=2_000_000,
+        phase_bytes_read={
+            "worker": 8_000_000,
+            "worker_max": 4_000_000,
+            "reduce": 5_000_000,
+            "reduce_max": 2_500_000,
+            "commit": 1_000_000,
+        },
+        phase_bytes_written={
+            "worker": 8_000_000,
+            "worker_max": 4_000_000,
+            "reduce": 1_000_000,
+            "reduce_max": 500_000,
+            "commit": 1_000_000,
+        },
+    )
+    place.status.commit_round(run, 0, coordination.RUNNING, "t0", coordination.RunSummary(), metrics)
+
+    assert place.main("status", "sharded") == 0
+
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("ROUND"))
+    assert re.split(r"\s{2,}", header)[-3:] == ["WORKER MB R/W", "REDUCE MB R/W", "COMMIT MB R/W"], header
+    row = next(line for line in out.splitlines() if line.startswith("0 "))
+    assert "8.0/8.0 max 4.0/4.0" in row and "5.0/1.0 max 2.5/0.5" in row and row.endswith("1.0/1.0")
+    assert place.status.list_rounds("sharded")[0].metrics == metrics  # what the item holds, read back
 
 
 def test_status_of_a_failed_run_gives_the_reason(place: Place, capsys: pytest.CaptureFixture[str]) -> None:

@@ -66,6 +66,14 @@ def test_the_trainers_own_reservation_is_its_limit_without_asking_the_account(la
             quotas.check_concurrency(lambda_client, workers=8, reserved=7)
 
 
+def test_more_reducers_than_workers_need_as_many_executions(lambda_client):
+    with Stubber(lambda_client):
+        quotas.check_concurrency(lambda_client, workers=4, reserved=9, reducers=8)
+
+        with pytest.raises(InvalidEventError, match="reducers 9 needs 10 concurrent executions"):
+            quotas.check_concurrency(lambda_client, workers=4, reserved=9, reducers=9)
+
+
 def test_access_denied_is_not_mistaken_for_a_missing_api(lambda_client):
     from botocore.exceptions import ClientError
 

@@ -59,52 +59,119 @@ def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
         return {"status": "ignored", "reason": "sent for another run of the same id"}
     if not run.is_current(event.round_index):
         if run.awaits_follow_up(event.round_index):  # the combine that committed died before its follow-up
-            state = _follow_up(run, services)
+            state = follow_up(run, services)
             return {"status": "finished" if state == SUCCEEDED else "fanned_out", "round": run.round_index}
         logs.event(log, "stale_combine_ignored", run_round=run.round_index, state=run.state)
         return {"status": "ignored", "reason": f"run is {run.state} at round {run.round_index}"}
+    if run.reducers > 1:  # a sharded round: its reducers average it, the last of them commits
+        logs.event(log, "combine_not_used", reducers=run.reducers)
+        return {
+            "status": "ignored",
+            "reason": f"round {run.round_index} is reduced by {run.reducers} reducers",
+        }
     services.status.heartbeat(run.run_id)
-    not_ready = _check_all_registered(run, services)
+    not_ready = check_all_registered(run, services)
     if not_ready is not None:
         return not_ready
 
     began = time.perf_counter()
-    round_index, phases = run.round_index, {}
+    phases: dict[str, float] = {}
     inputs = _load_round(run, services, phases)
     new_weights, new_momentum, averaged = _aggregate(run, inputs, phases)
-    results: dict[str, Any] = {"train_loss": averaged.mean_loss}
+    result = RoundResult(
+        inputs.model,
+        new_weights,
+        new_momentum,
+        averaged.samples,
+        averaged.mean_loss,
+        inputs.worker_meta,
+        inputs.update_sizes,
+    )
+    outcome = commit_next_round(
+        run, result, phases, {"combine": inputs.bytes_read}, {}, services, "combine", began
+    )
+    if outcome["status"] == "committed":
+        outcome["status"] = "combined"
+    return outcome
+
+
+@dataclass
+class RoundResult:
+    """What averaging a round produced (by one combine, or assembled from the reducers' slices)."""
+
+    model: keras.Model  # holds the new weights
+    new_weights: list[np.ndarray]
+    new_momentum: list[np.ndarray] | None
+    samples: int
+    mean_loss: float
+    worker_meta: list[dict[str, Any]]
+    update_sizes: list[int]  # each worker's update file: what it wrote besides its saved states
+    reducers_s: float = 0.0  # handler seconds of the round's other reducing invocations (sharded rounds)
+
+
+def commit_next_round(
+    run: RunStatus,
+    result: RoundResult,
+    phases: dict[str, float],
+    bytes_read: dict[str, int],
+    bytes_written: dict[str, int],
+    services: Services,
+    phase: str,
+    began: float,
+) -> dict[str, Any]:
+    """Evaluate if due, write the next round's weights under a new token, commit the round once, follow up.
+    ``phase``: who does it (``combine``, or ``commit``: the reducer that commits a sharded round);
+    ``bytes_read`` / ``bytes_written``: per phase so far, with ``<phase>_max`` for phases of many invocations
+    (this call adds the workers' and its own writes); ``began``: when this invocation's reducing work began."""
+    round_index = run.round_index
+    results: dict[str, Any] = {"train_loss": result.mean_loss}
     if run.schedule.evaluates_after(round_index):
-        results["test_loss"], results["test_accuracy"] = _evaluate(run, inputs.model, services, phases)
+        results["test_loss"], results["test_accuracy"] = _evaluate(run, result.model, services, phases)
     token = new_token()
-    bytes_written = _write_next_round(run, token, new_weights, new_momentum, services, phases)
-    phases["worker_compute"] = max(float(meta["compute_s"]) for meta in inputs.worker_meta)
-    phases["worker_load"] = max(float(meta["load_s"]) for meta in inputs.worker_meta)
+    written = _write_next_round(run, token, result.new_weights, result.new_momentum, services, phases)
+    metas = result.worker_meta
+    phases["worker_compute"] = max(float(meta["compute_s"]) for meta in metas)
+    phases["worker_load"] = max(float(meta["load_s"]) for meta in metas)
+    worker_reads = [int(meta.get("bytes_read", 0)) for meta in metas]
+    worker_writes = [
+        int(meta.get("bytes_written", 0)) + size
+        for meta, size in zip(metas, result.update_sizes, strict=True)
+    ]
+    reads = {"worker": sum(worker_reads), "worker_max": max(worker_reads), **bytes_read}
+    writes = {"worker": sum(worker_writes), "worker_max": max(worker_writes), **bytes_written, phase: written}
+
+    def reducing(per_phase: dict[str, int]) -> int:  # what the combine (or the reducers and commit) moved
+        return sum(
+            value for key, value in per_phase.items() if not key.startswith("worker") and "_max" not in key
+        )
 
     epochs_done = run.schedule.epochs_done_after(round_index)
     metrics = RoundMetrics(
         epochs_done=epochs_done,
-        samples=averaged.samples,
+        samples=result.samples,
         train_loss=results["train_loss"],
         duration_s={name: round(seconds, 4) for name, seconds in phases.items()},
-        bytes_read=inputs.bytes_read,
-        bytes_written=bytes_written,
+        bytes_read=reducing(reads),
+        bytes_written=reducing(writes),
         test_loss=results.get("test_loss"),
         test_accuracy=results.get("test_accuracy"),
-        worker_bytes_read=sum(int(meta.get("bytes_read", 0)) for meta in inputs.worker_meta),
-        worker_bytes_written=inputs.update_bytes
-        + sum(int(meta.get("bytes_written", 0)) for meta in inputs.worker_meta),
+        worker_bytes_read=reads["worker"],
+        worker_bytes_written=writes["worker"],
         invocation_s=round(
-            sum(float(meta.get("handler_s", 0.0)) for meta in inputs.worker_meta)
+            sum(float(meta.get("handler_s", 0.0)) for meta in metas)
+            + result.reducers_s
             + (time.perf_counter() - began),
             3,
         ),
         memory_mb=services.environment.memory_mb,
+        phase_bytes_read=reads,
+        phase_bytes_written=writes,
     )
     summary = RunSummary(test_accuracy=results.get("test_accuracy"), test_loss=results.get("test_loss"))
     committed = _commit_round(run, epochs_done, token, summary, metrics, services)
     if committed is None:
         housekeeping.discard_token(run, token, services.layout)
-        return {"status": "ignored", "reason": "round committed by another combine"}
+        return {"status": "ignored", "reason": f"round committed by another {phase}"}
     logs.event(
         log,
         "round_combined",
@@ -118,8 +185,8 @@ def run_combine(event: CombineEvent, services: Services) -> dict[str, Any]:
             **embedded_metrics.block(services.environment.function_name, {**results, **phases}),
         },
     )
-    state = _follow_up(committed, services, inputs.model)
-    return {"status": "combined", "round": round_index, "state": state, **results}
+    state = follow_up(committed, services, result.model)
+    return {"status": "committed", "round": round_index, "state": state, **results}
 
 
 @dataclass
@@ -130,10 +197,10 @@ class _RoundInputs:
     worker_meta: list[dict[str, Any]]
     momentum: list[np.ndarray] | None
     bytes_read: int
-    update_bytes: int  # the update files' sizes: what the workers wrote
+    update_sizes: list[int]  # the update files' sizes: what the workers wrote
 
 
-def _check_all_registered(run: RunStatus, services: Services) -> dict[str, Any] | None:
+def check_all_registered(run: RunStatus, services: Services) -> dict[str, Any] | None:
     """None when every worker registered and every update file is there; else why the combine waits."""
     record = services.status.get_round(run.run_id, run.round_index)
     registered = record.done if record else frozenset()
@@ -164,7 +231,7 @@ def _load_round(run: RunStatus, services: Services, phases: dict[str, float]) ->
     update_paths = [
         layout.update_path(run.run_id, run.round_index, worker) for worker in range(run.config.workers)
     ]
-    worker_meta = [_update_meta(path) for path in update_paths]  # the sample counts weight the average
+    worker_meta = [update_meta(path) for path in update_paths]  # the sample counts weight the average
     try:
         average = aggregation.RunningAverage(
             [weight.shape for weight in global_weights], sum(int(meta["samples"]) for meta in worker_meta)
@@ -175,15 +242,15 @@ def _load_round(run: RunStatus, services: Services, phases: dict[str, float]) ->
             del arrays
     except (ValueError, KeyError) as exc:
         raise LayoutError(f"round {run.round_index}: {exc}") from exc
-    update_bytes = sum(file_size(path) for path in update_paths)
-    bytes_read = file_size(weights_path) + update_bytes
+    update_sizes = [file_size(path) for path in update_paths]
+    bytes_read = file_size(weights_path) + sum(update_sizes)
     momentum = None
     if run.config.outer_momentum > 0 and run.round_index > 0:
         momentum_path = layout.outer_state_path(run.run_id, run.round_index, run.weights_token)
         momentum, _ = load_arrays(momentum_path)  # must exist
         bytes_read += file_size(momentum_path)
     phases["load"] = time.perf_counter() - began
-    return _RoundInputs(model, global_weights, average, worker_meta, momentum, bytes_read, update_bytes)
+    return _RoundInputs(model, global_weights, average, worker_meta, momentum, bytes_read, update_sizes)
 
 
 UPDATE_META_FIELDS = {"samples": int, "mean_loss": float, "compute_s": float, "load_s": float}
@@ -191,7 +258,7 @@ UPDATE_META_FIELDS = {"samples": int, "mean_loss": float, "compute_s": float, "l
 OPTIONAL_UPDATE_META_FIELDS = {"handler_s": float, "bytes_read": int, "bytes_written": int}
 
 
-def _update_meta(path: Path) -> dict[str, Any]:
+def update_meta(path: Path) -> dict[str, Any]:
     """An update's metadata, checked: a damaged file fails the run at once instead of being retried."""
     meta = load_meta(path)
     optional = {name: kind for name, kind in OPTIONAL_UPDATE_META_FIELDS.items() if name in meta}
@@ -309,7 +376,7 @@ def _commit_round(
     )
 
 
-def _follow_up(run: RunStatus, services: Services, model: keras.Model | None = None) -> str:
+def follow_up(run: RunStatus, services: Services, model: keras.Model | None = None) -> str:
     """After a commit (``run`` as committed): fan out the next round, or finish the run; then clean up.
     Returns the run's state."""
     if run.all_rounds_committed and run.active:

@@ -14,7 +14,8 @@ Environment (set by ``template.yaml`` in the cloud and by ``localrun`` on a lapt
 - ``MODEL_BUCKET``    the stack's bucket: every run exports ``final.keras`` to ``models/<run>/`` there (empty or
   unset: no export, as locally)
 - ``AWS_LAMBDA_FUNCTION_MEMORY_SIZE``  set by Lambda itself (and by ``localrun``): the memory in MB, which with the
-  measured seconds gives a round's GB-seconds (the ``max_gb_s`` budget)
+  measured seconds gives a round's GB-seconds (the ``max_gb_s`` budget); a start refuses a run whose round's
+  combine (or commit) cannot fit it
 
 Endpoints are never configured here: boto3 reads ``AWS_ENDPOINT_URL_LAMBDA`` / ``AWS_ENDPOINT_URL_DYNAMODB``.
 """
@@ -199,6 +200,11 @@ class TrainConfig:
     update_dtype: str = dataclasses.field(
         default="float32", metadata={"help": "dtype of the weight deltas on EFS (float16 halves the bytes)"}
     )
+    # 0 = auto (trainer/sharding.py: one combine while a round's updates fit 512 MiB, else enough reducers that
+    # each reads at most that); 1 = always one combine; K > 1 = K reducers, each averaging 1/K of every update.
+    reducers: int = dataclasses.field(
+        default=0, metadata={"help": "reducers per round: 0 = auto, 1 = one combine, K = a sharded reduce"}
+    )
     eval_every: int = dataclasses.field(
         default=0, metadata={"help": "evaluate every N rounds; 0 = at each epoch end"}
     )
@@ -272,6 +278,7 @@ class TrainConfig:
         _check_range("outer_lr", self.outer_lr, 0.0, float(MAX_WORKERS))
         _check_range("outer_momentum", self.outer_momentum, 0.0, 0.999)
         _check_choice("update_dtype", self.update_dtype, UPDATE_DTYPES)
+        _check_range("reducers", self.reducers, 0, MAX_WORKERS)
         _check_range("eval_every", self.eval_every, 0, 1_000_000)
         _check_range("seed", self.seed, 0, 2**31 - 1)
         check_name("dataset", self.dataset)

@@ -26,6 +26,8 @@ Run item ``pk="RUN#<run>"``, ``sk="RUN"``
     ``generation``     incremented by every resume, so a resumed run can claim a combine again
     ``fanned_out``     the last round whose worker events were all sent
     ``config``         the resolved TrainConfig as JSON
+    ``parameters``     elements in the model's weights, counted at start: with ``config`` it determines how many
+                       reducers a round uses (``sharding.reducer_count``; absent: one combine)
     ``reason``         why a run FAILED; ``final_model`` where ``final.keras`` is; latest ``test_accuracy``/``test_loss``
     ``export_bucket``  the bucket ``final.keras`` is also uploaded to (``models/<run>/``): the start object's for
                        runs started from S3, else the stack's ``MODEL_BUCKET``; absent locally
@@ -34,10 +36,15 @@ Round item ``pk="RUN#<run>"``, ``sk="ROUND#000012"`` (one Query lists a run's ro
     ``done``                number set of the workers whose update is written (``ADD`` is idempotent)
     ``claimed_generation``, ``claimed_by``, ``claimed_attempt``   the combine claim: won once per generation,
                             re-won only by the same worker on a later attempt (its crash was retried)
+    ``reduced``             sharded rounds: number set of the reducers whose slice is written
+    ``commit_claimed_generation``, ``commit_claimed_by``, ``commit_claimed_attempt``   the claim of the reducer
+                            that commits a sharded round (the same rule as the combine claim)
     ``epochsdone``, ``train_loss``, ``test_loss``, ``test_accuracy``, ``duration_s`` (map), ``bytes_read``,
-    ``bytes_written``       the combine's metrics (an idempotent overwrite, written before the commit)
+    ``bytes_written``       the combine's metrics (or the reducers' and the commit's), written by the commit
     ``worker_bytes_read``, ``worker_bytes_written``, ``invocation_s``, ``memory_mb``   the workers' EFS bytes and
-                            the handler seconds of the round's worker and combine invocations, at that memory
+                            the handler seconds of the round's worker and combine (or reducer) invocations
+    ``phase_bytes_read``, ``phase_bytes_written``   maps of bytes per phase (``worker``, ``combine`` or ``reduce``
+                            and ``commit``: each phase's total; ``<phase>_max``: its largest single invocation)
     ``completed_at``        set by the commit itself (one transaction with the run item's advance), with the
                             metrics; later registrations are refused
 
@@ -60,7 +67,7 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 
-from trainer import logs
+from trainer import logs, sharding
 from trainer.config import TrainConfig
 from trainer.efs_layout import check_name
 from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError
@@ -179,6 +186,7 @@ class RunStatus:
     instance: str = ""  # set by new(); events name it
     operator_at: str | None = None
     gb_s: float = 0.0  # GB-seconds the committed rounds measured (the max_gb_s budget)
+    parameters: int = 0  # elements in the model's weights (0: unknown, from an older start: one combine)
 
     @classmethod
     def new(
@@ -188,6 +196,7 @@ class RunStatus:
         num_train: int,
         export_bucket: str | None = None,
         dataset_sha256: str | None = None,
+        parameters: int = 0,
     ) -> RunStatus:
         """A run about to be created: RUNNING at round 0, nothing fanned out yet."""
         schedule = Schedule(config, num_train)
@@ -204,12 +213,19 @@ class RunStatus:
             dataset_sha256=dataset_sha256,
             export_bucket=export_bucket,
             instance=new_instance(),
+            parameters=parameters,
         )
 
     @functools.cached_property
     def schedule(self) -> Schedule:
         """The run's plan: rounds, shards and learning rates, from its configuration and training-set size."""
         return Schedule(self.config, self.num_train)
+
+    @property
+    def reducers(self) -> int:
+        """Reducers a round of this run uses (1: one combine), from its configuration and model size."""
+        itemsize = 2 if self.config.update_dtype == "float16" else 4
+        return sharding.reducer_count(self.config.reducers, self.config.workers, self.parameters, itemsize)
 
     @property
     def active(self) -> bool:
@@ -260,6 +276,8 @@ class RunStatus:
             raise ValueError(
                 f"round must be between 0 and total_rounds {self.total_rounds}, got {self.round_index}"
             )
+        if self.parameters < 0:
+            raise ValueError(f"parameters must be >= 0, got {self.parameters}")
         if not -1 <= self.fanned_out <= self.round_index or self.generation < 1 or self.epochs_done < 0:
             raise ValueError(
                 f"fanned_out {self.fanned_out}, generation {self.generation} or epochsdone {self.epochs_done} "
@@ -295,6 +313,7 @@ class RunStatus:
             "dataset_sha256": self.dataset_sha256,
             "heartbeat_at": self.heartbeat_at,
             "operator_at": self.operator_at,
+            "parameters": self.parameters or None,
             "active": "1" if self.active else None,
         }
         item.update({name: value for name, value in optional.items() if value is not None})
@@ -335,6 +354,7 @@ class RunStatus:
                 instance=str(item["instance"]),
                 operator_at=item.get("operator_at"),
                 gb_s=float(item.get("gb_s", 0)),
+                parameters=int(item.get("parameters", 0)),
             )
             run.check()
             return run
@@ -354,7 +374,7 @@ class RoundMetrics:
     samples: int
     train_loss: float
     duration_s: dict[str, float]
-    bytes_read: int
+    bytes_read: int  # by the combine (or every reducer and the commit of a sharded round)
     bytes_written: int
     test_loss: float | None = None  # only on rounds followed by an evaluation
     test_accuracy: float | None = None
@@ -370,8 +390,13 @@ class RoundMetrics:
         """The round's measured GB-seconds: what the ``max_gb_s`` budget counts."""
         return self.invocation_s * self.memory_mb / 1024
 
+    # Bytes per phase (``worker``, ``combine`` or ``reduce`` and ``commit``: each phase's total over its
+    # invocations; ``<phase>_max``: its largest single invocation), the N-dependent costs of a round.
+    phase_bytes_read: dict[str, int] = field(default_factory=dict)
+    phase_bytes_written: dict[str, int] = field(default_factory=dict)
+
     def to_item(self) -> dict[str, Any]:
-        item = {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+        item = {key: value for key, value in dataclasses.asdict(self).items() if value not in (None, {})}
         item["epochsdone"] = item.pop("epochs_done")
         return item
 
@@ -382,6 +407,8 @@ class RoundMetrics:
         values = {
             name: item[name] for name in cls.__dataclass_fields__ if name != "epochs_done" and name in item
         }
+        for name in ("phase_bytes_read", "phase_bytes_written"):
+            values[name] = {str(key): int(value) for key, value in (values.get(name) or {}).items()}
         return cls(epochs_done=int(item.get("epochsdone", 0)), **values)
 
 
@@ -395,6 +422,9 @@ class RoundRecord:
     claimed_generation: int | None = None
     claimed_by: int | None = None
     claimed_attempt: int | None = None
+    reduced: frozenset[int] = frozenset()  # sharded rounds: reducers whose slice is written
+    commit_claimed_generation: int | None = None
+    commit_claimed_by: int | None = None
     completed_at: str | None = None
     committed_token: str | None = None  # the weights token the commit recorded for the next round
     metrics: RoundMetrics | None = None
@@ -413,6 +443,9 @@ class RoundRecord:
             claimed_generation=item.get("claimed_generation"),
             claimed_by=item.get("claimed_by"),
             claimed_attempt=item.get("claimed_attempt"),
+            reduced=frozenset(int(reducer) for reducer in item.get("reduced", [])),
+            commit_claimed_generation=item.get("commit_claimed_generation"),
+            commit_claimed_by=item.get("commit_claimed_by"),
             completed_at=item.get("completed_at"),
             committed_token=item.get("committed_token"),
             metrics=RoundMetrics.from_item(item),
@@ -789,6 +822,37 @@ class StatusTable:
             "(attribute_not_exists(claimed_generation) OR claimed_generation < :g OR "
             "(claimed_generation = :g AND claimed_by = :w AND claimed_attempt < :a))",
             ExpressionAttributeValues={":g": generation, ":w": worker_index, ":a": attempt},
+        )
+
+    def register_reducer(self, run_id: str, round_index: int, reducer_index: int) -> set[int]:
+        """Add a reducer to the round's set of written slices (idempotent); the set as it now stands."""
+        attributes = self._conditional(
+            "update_item",
+            f"round {round_index} of run {run_id!r} is already committed",
+            Key=round_key(run_id, round_index),
+            UpdateExpression="ADD reduced :k SET #round = :r",
+            ConditionExpression="attribute_not_exists(completed_at)",
+            ExpressionAttributeNames={"#round": "round"},
+            ExpressionAttributeValues={":k": {reducer_index}, ":r": round_index},
+            ReturnValues="ALL_NEW",
+        )
+        return set(RoundRecord.from_item(attributes).reduced)
+
+    def claim_commit(
+        self, run_id: str, round_index: int, generation: int, reducer_index: int, attempt: int
+    ) -> bool:
+        """True for exactly one reducer per (round, generation): the one that commits a sharded round. The same
+        reducer re-dispatched after a crash (a higher attempt) may claim again, as with :meth:`claim_combine`."""
+        return self._transition(
+            "update_item",
+            "commit already claimed",
+            Key=round_key(run_id, round_index),
+            UpdateExpression="SET commit_claimed_generation = :g, commit_claimed_by = :k, "
+            "commit_claimed_attempt = :a",
+            ConditionExpression="attribute_exists(reduced) AND attribute_not_exists(completed_at) AND "
+            "(attribute_not_exists(commit_claimed_generation) OR commit_claimed_generation < :g OR "
+            "(commit_claimed_generation = :g AND commit_claimed_by = :k AND commit_claimed_attempt < :a))",
+            ExpressionAttributeValues={":g": generation, ":k": reducer_index, ":a": attempt},
         )
 
     def get_round(self, run_id: str, round_index: int) -> RoundRecord | None:

@@ -8,12 +8,13 @@ Layout (``<root>`` is ``EFS_ROOT``)::
     <root>/runs/<run>/updates/round-000012/worker-0003.npz   worker 3's update for round 12
     <root>/runs/<run>/partial/round-000012/worker-0003.npz   local state of a worker continued in a chained call
     <root>/runs/<run>/outer/round-000012-<token>.npz    outer-optimizer (Nesterov) momentum before round 12
+    <root>/runs/<run>/reduce/round-000012/slice-0003.npz    reducer 3's slice of round 13's weights (sharded runs)
     <root>/runs/<run>/final.keras                       the trained model
 
 Writers create a temporary name in the target's directory, fsync, then rename it into place; readers and the
 combiner only ever look at final names, so a crash never leaves a half-written file where one is counted.
 
-Results are write-once: an update, and ``final.keras``, are published with a hard link that fails when the name
+Results are write-once: an update, a reducer's slice, and ``final.keras``, are published with a hard link that fails when the name
 exists (the first finished copy wins, a duplicate never replaces a file another invocation may be reading); the
 next round's weights carry the token of the combine that wrote them, and the commit records the winner's.
 Only a worker's partial state, which only that worker's own continuation reads, is replaced in place.
@@ -60,7 +61,8 @@ def check_name(kind: str, value: object) -> str:
     return value
 
 
-PER_WORKER_KINDS = ("updates", "partial", "local")  # a folder per round, a file per worker (no token)
+# A folder per round, a file per worker (or, for "reduce", per reducer), no token; the others are token-named files.
+PER_WORKER_KINDS = ("updates", "partial", "local", "reduce")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,13 @@ class EfsLayout:
 
     def update_path(self, run_id: str, round_index: int, worker_index: int) -> Path:
         return self.updates_dir(run_id, round_index) / f"worker-{worker_index:04d}.npz"
+
+    def reduce_dir(self, run_id: str, round_index: int) -> Path:
+        return self.run_dir(run_id) / "reduce" / f"round-{round_index:06d}"
+
+    def slice_path(self, run_id: str, round_index: int, reducer_index: int) -> Path:
+        """Reducer ``reducer_index``'s slice of the weights after ``round_index`` (write-once)."""
+        return self.reduce_dir(run_id, round_index) / f"slice-{reducer_index:04d}.npz"
 
     def partial_path(self, run_id: str, round_index: int, worker_index: int) -> Path:
         return (
@@ -111,8 +120,8 @@ class EfsLayout:
 
     def round_files(self, run_id: str) -> Iterator[tuple[str, int, str | None, Path]]:
         """Every round-scoped entry of a run as ``(kind, round, token, path)``: kind is ``weights``, ``outer``
-        (token set), ``updates``, ``partial`` or ``local`` (a round's folder, token None); temporary files are
-        skipped."""
+        (token set), ``updates``, ``partial``, ``local`` or ``reduce`` (a round's folder, token None); temporary
+        files are skipped."""
         run_dir = self.run_dir(run_id)
         for kind in ("weights", "outer", *PER_WORKER_KINDS):
             directory = run_dir / kind
@@ -225,6 +234,24 @@ def load_arrays(path: Path) -> tuple[list[np.ndarray], dict[str, Any]]:
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise LayoutError(f"{path}: unreadable array archive ({exc})") from exc
     return arrays, meta
+
+
+def load_members(path: Path, indices: Sequence[int]) -> tuple[list[np.ndarray], int]:
+    """Only the arrays ``indices`` (positions in the list :func:`save_arrays` wrote) of an ``.npz``: each is one
+    contiguous member of the file. Returns them and the bytes their members occupy (what was read)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            names = [f"a{index:04d}" for index in indices]
+            missing = [name for name in names if name not in archive.files]
+            if missing:
+                raise LayoutError(f"{path}: has no array(s) {missing[:3]}; it holds {len(archive.files) - 1}")
+            arrays = [archive[name] for name in names]
+            size = sum(archive.zip.getinfo(f"{name}.npy").compress_size for name in names)
+    except FileNotFoundError as exc:
+        raise LayoutError(f"{path}: missing") from exc
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise LayoutError(f"{path}: unreadable array archive ({exc})") from exc
+    return arrays, size
 
 
 def load_meta(path: Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from trainer.protocol import (
     CombineEvent,
     Event,
     FailureRecord,
+    ReduceEvent,
     S3StartEvent,
     StartEvent,
     WorkerEvent,
@@ -51,7 +52,7 @@ def handle_failure(record: FailureRecord, services: Services) -> dict[str, Any]:
             housekeeping.clean_up(run, services.layout)
         logs.event(log, "stale_failure_ignored", reason=stale, error=record.error_message)
         return {"status": "ignored", "reason": stale}
-    kind = "combine" if isinstance(failed, CombineEvent) else f"worker {failed.worker_index}"
+    kind = _kind(failed)
     left_to_do = _left_to_do(failed, run, services)
     budget = run.config.max_attempts * (2 if left_to_do != "training" else 1)
     if failed.attempt < budget:
@@ -76,7 +77,17 @@ def handle_failure(record: FailureRecord, services: Services) -> dict[str, Any]:
     return {"status": FAILED.lower(), "reason": reason}
 
 
-def _why_stale(failed: WorkerEvent | CombineEvent, run: RunStatus | None, services: Services) -> str | None:
+def _kind(failed: WorkerEvent | CombineEvent | ReduceEvent) -> str:
+    if isinstance(failed, CombineEvent):
+        return "combine"
+    if isinstance(failed, ReduceEvent):
+        return f"reducer {failed.reducer_index}"
+    return f"worker {failed.worker_index}"
+
+
+def _why_stale(
+    failed: WorkerEvent | CombineEvent | ReduceEvent, run: RunStatus | None, services: Services
+) -> str | None:
     """Why a failed worker or combine event no longer matters, or None if it still has work to do."""
     if run is None:
         return "the run does not exist"
@@ -88,6 +99,22 @@ def _why_stale(failed: WorkerEvent | CombineEvent, run: RunStatus | None, servic
         if run.is_current(failed.round_index) or run.awaits_follow_up(failed.round_index):
             return None
         return f"run is {run.state} at round {run.round_index}"
+    if isinstance(failed, ReduceEvent):
+        if run.awaits_follow_up(failed.round_index):
+            return None
+        if not run.is_current(failed.round_index):
+            return f"run is {run.state} at round {run.round_index}"
+        record = services.status.get_round(failed.run_id, failed.round_index)
+        # Registered: its retry matters only while it may still be the one to commit (nobody else claimed the
+        # commit in this generation; it may have died between its registration and the commit).
+        if (
+            record is not None
+            and failed.reducer_index in record.reduced
+            and record.commit_claimed_generation == run.generation
+            and record.commit_claimed_by != failed.reducer_index
+        ):
+            return f"reducer {failed.reducer_index} already registered for round {failed.round_index}"
+        return None
     if not run.is_current(failed.round_index):
         return f"run is {run.state} at round {run.round_index}"
     record = services.status.get_round(failed.run_id, failed.round_index)
@@ -102,11 +129,17 @@ def _why_stale(failed: WorkerEvent | CombineEvent, run: RunStatus | None, servic
     return None
 
 
-def _left_to_do(failed: WorkerEvent | CombineEvent, run: RunStatus, services: Services) -> str:
-    """What a retry of ``failed`` would still have to do: ``training`` (or combining), or only cheap steps
-    (``registration`` of an update already written, the ``follow-up`` of a committed round)."""
+def _left_to_do(failed: WorkerEvent | CombineEvent | ReduceEvent, run: RunStatus, services: Services) -> str:
+    """What a retry of ``failed`` would still have to do: ``training`` (or combining, or reducing), or only
+    cheap steps (``registration`` of an update or slice already written, the ``follow-up`` of a committed
+    round)."""
     if isinstance(failed, CombineEvent):
         return "follow-up" if run.round_index > failed.round_index else "training"
+    if isinstance(failed, ReduceEvent):
+        if run.round_index > failed.round_index:
+            return "follow-up"
+        written = services.layout.slice_path(failed.run_id, failed.round_index, failed.reducer_index).exists()
+        return "registration" if written else "training"
     if services.layout.update_path(failed.run_id, failed.round_index, failed.worker_index).exists():
         return "registration"
     return "training"
@@ -194,7 +227,7 @@ def _describe(payload: dict[str, Any]) -> str:
 def fail_for_error(event: Event, error: errors.TrainingError, services: Services) -> None:
     """An error that ends the run (``error.fails_run``) while working on ``event``: mark the run FAILED now,
     unless the event's round or generation has passed (then the error belongs to a stale copy)."""
-    if not error.fails_run or not isinstance(event, WorkerEvent | CombineEvent):
+    if not error.fails_run or not isinstance(event, WorkerEvent | CombineEvent | ReduceEvent):
         return
     reason = f"{type(error).__name__} in round {event.round_index}: {error}"
     if services.status.fail_run(

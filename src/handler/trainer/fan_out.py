@@ -1,7 +1,8 @@
-"""Signal a round: send one worker event per worker, then record that the round was fanned out.
+"""Signal a round: send one worker event per worker, then record that the round was fanned out; and signal its
+reduction: one combine event, or one reduce event per reducer of a sharded run.
 
 Called by the start, resume and combine flows, and by whoever finds a committed round whose fan-out was cut
-short. Sending twice is safe: workers of a round are idempotent."""
+short. Sending twice is safe: workers, combines and reducers of a round are idempotent."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 
 from trainer import logs
 from trainer.coordination import RunStatus
-from trainer.protocol import CombineEvent, WorkerEvent
+from trainer.protocol import CombineEvent, ReduceEvent, WorkerEvent
 from trainer.services import Services
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,37 @@ def fan_out(run: RunStatus, round_index: int, services: Services) -> None:
     services.invoker.invoke_async(events)
     services.status.mark_fanned_out(run.run_id, round_index)
     logs.event(log, "workers_invoked", round=round_index, workers=len(events))
+
+
+def reduce_round(run: RunStatus, round_index: int, epochs_done: int, services: Services) -> None:
+    """Invoke what averages a complete round: the combine, or each of a sharded run's reducers."""
+    if run.reducers == 1:
+        events = [
+            CombineEvent(
+                run.run_id,
+                round_index,
+                run.config.workers,
+                epochs_done,
+                generation=run.generation,
+                instance=run.instance,
+            ).to_wire()
+        ]
+    else:
+        events = [
+            ReduceEvent(
+                run.run_id,
+                round_index,
+                reducer,
+                run.reducers,
+                run.config.workers,
+                epochs_done,
+                generation=run.generation,
+                instance=run.instance,
+            ).to_wire()
+            for reducer in range(run.reducers)
+        ]
+    services.invoker.invoke_async(events)
+    logs.event(log, "combine_invoked", round=round_index, reducers=run.reducers)
 
 
 def resend(run: RunStatus, services: Services) -> None:

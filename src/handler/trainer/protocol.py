@@ -12,6 +12,8 @@ start               ``{"start": true, "workers": 6, "run": "exp1", "epochs": 3, 
 start (S3)          an ``ObjectCreated`` notification for ``start/<name>.json``; the object body is a start event
 worker              ``{"workerno": 3, "workers": 6, "epochsdone": 7, "run": "exp1", "round": 12, "generation": 1}``
 combine             ``{"combine": true, "workers": 6, "epochsdone": 7, "run": "exp1", "round": 12, "generation": 1}``
+reduce              ``{"reduce": true, "reducer": 2, "reducers": 4, "workers": 64, "epochsdone": 7, "run": "exp1",
+                    "round": 12, "generation": 1}`` - slice 2 of 4 of a sharded round (instead of the combine)
 stop                ``{"stop": true, "run": "exp1"}`` - finish the current round, then state STOPPED
 watchdog            ``{"watchdog": true}`` - the schedule's check for runs whose events were all lost; ``run`` limits
                     it to one run and ``stalled_after_s`` overrides the silence that counts as stalled (what
@@ -120,6 +122,37 @@ class CombineEvent:
 
 
 @dataclass(frozen=True)
+class ReduceEvent:
+    """Reducer ``reducer_index`` of ``num_reducers`` averages its slice of every update of a sharded round."""
+
+    run_id: str
+    round_index: int
+    reducer_index: int
+    num_reducers: int
+    num_workers: int
+    epochs_done: int
+    attempt: int = 1
+    generation: int = 1
+    instance: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = {
+            "reduce": True,
+            "reducer": self.reducer_index,
+            "reducers": self.num_reducers,
+            "workers": self.num_workers,
+            "epochsdone": self.epochs_done,
+            "run": self.run_id,
+            "round": self.round_index,
+            "attempt": self.attempt,
+            "generation": self.generation,
+        }
+        if self.instance is not None:
+            wire["instance"] = self.instance
+        return wire
+
+
+@dataclass(frozen=True)
 class StopEvent:
     run_id: str
     attempt: int = 1
@@ -137,12 +170,12 @@ class WatchdogEvent:
 class FailureRecord:
     """An ``OnFailure`` destination record: the failed event and why it failed.
 
-    ``failed`` is the failed worker or combine event; for a failed start (direct or S3), resume or stop it is
+    ``failed`` is the failed worker, combine or reduce event; for a failed start (direct or S3), resume or stop it is
     None and ``replay_payload`` holds the raw event, which is re-dispatched as it is (these events are
     idempotent) with a higher ``attempt``.
     """
 
-    failed: WorkerEvent | CombineEvent | None
+    failed: WorkerEvent | CombineEvent | ReduceEvent | None
     error_message: str
     error_type: str | None
     request_id: str | None
@@ -157,7 +190,16 @@ class FailureRecord:
         return attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else 1
 
 
-Event = StartEvent | S3StartEvent | WorkerEvent | CombineEvent | StopEvent | WatchdogEvent | FailureRecord
+Event = (
+    StartEvent
+    | S3StartEvent
+    | WorkerEvent
+    | CombineEvent
+    | ReduceEvent
+    | StopEvent
+    | WatchdogEvent
+    | FailureRecord
+)
 
 
 def parse_event(raw: Any) -> Event:
@@ -172,6 +214,8 @@ def parse_event(raw: Any) -> Event:
         return parse_start(raw)
     if "combine" in raw:
         return _parse_combine(raw)
+    if "reduce" in raw:
+        return _parse_reduce(raw)
     if "workerno" in raw:
         return _parse_worker(raw)
     if "stop" in raw:
@@ -195,7 +239,8 @@ def parse_event(raw: Any) -> Event:
         run_id = check_name("run", raw["run"]) if "run" in raw else None
         return WatchdogEvent(run_id=run_id, stalled_after_s=stalled_after_s)
     raise InvalidEventError(
-        f"unrecognised event with keys {sorted(raw)}; expected one of 'start', 'workerno', 'combine', 'stop', "
+        f"unrecognised event with keys {sorted(raw)}; expected one of 'start', 'workerno', 'combine', 'reduce', "
+        "'stop', "
         "'watchdog', "
         "an S3 'Records' notification or a Lambda destination record"
     )
@@ -274,6 +319,27 @@ def _parse_combine(raw: Mapping[str, Any]) -> CombineEvent:
     )
 
 
+def _parse_reduce(raw: Mapping[str, Any]) -> ReduceEvent:
+    _expect_keys(
+        raw,
+        required={"reduce", "reducer", "reducers", "workers", "epochsdone", "run", "round"},
+        optional={"attempt", "generation", "instance"},
+    )
+    _require_true(raw, "reduce")
+    reducers = _int(raw, "reducers", 2, MAX_WORKERS)
+    return ReduceEvent(
+        run_id=check_name("run", raw["run"]),
+        round_index=_int(raw, "round", 0, 10**9),
+        reducer_index=_int(raw, "reducer", 0, reducers - 1),
+        num_reducers=reducers,
+        num_workers=_int(raw, "workers", 1, MAX_WORKERS),
+        epochs_done=_int(raw, "epochsdone", 0, 10**6),
+        attempt=_int(raw, "attempt", 1, 100, default=1),
+        generation=_int(raw, "generation", 1, 10**6, default=1),
+        instance=_instance(raw),
+    )
+
+
 def _instance(raw: Mapping[str, Any]) -> str | None:
     return check_name("instance", raw["instance"]) if "instance" in raw else None
 
@@ -342,10 +408,12 @@ def _parse_failure_record(raw: Mapping[str, Any]) -> FailureRecord:
         error_type = str(response["errorType"]) if response.get("errorType") else None
     else:
         message = str(context.get("condition") or "unknown error")
-    failed: WorkerEvent | CombineEvent | None = None
+    failed: WorkerEvent | CombineEvent | ReduceEvent | None = None
     replay_payload = None
     if isinstance(payload, Mapping) and "combine" in payload:
         failed = _parse_combine(payload)
+    elif isinstance(payload, Mapping) and "reduce" in payload:
+        failed = _parse_reduce(payload)
     elif isinstance(payload, Mapping) and "workerno" in payload:
         failed = _parse_worker(payload)
     elif isinstance(payload, Mapping) and ("start" in payload or "Records" in payload or "stop" in payload):

@@ -6,6 +6,7 @@ or does nothing."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 
@@ -59,13 +60,18 @@ def start_run(
             "delete the folder or choose another run id"
         )
     if run is None:
-        if (
-            services.lambda_api is not None
-        ):  # refuse a run the account cannot execute, before writing anything
-            quotas.check_concurrency(
-                services.lambda_api, cfg.workers, function_name=services.environment.function_name
-            )
         weights = initial_weights(cfg, services.layout.root)  # validates a weights file too
+        planned = dataclasses.replace(planned, parameters=sum(int(weight.size) for weight in weights))
+        quotas.check_memory(  # refuse a run whose combine cannot fit the function, before writing anything
+            planned.parameters, planned.reducers, cfg.outer_momentum > 0, services.environment.memory_mb
+        )
+        if services.lambda_api is not None:  # refuse a run the account cannot execute
+            quotas.check_concurrency(
+                services.lambda_api,
+                cfg.workers,
+                function_name=services.environment.function_name,
+                reducers=planned.reducers,
+            )
         with contextlib.suppress(CoordinationConflictError):  # a concurrent duplicate won: checked below
             services.status.create_run(planned)
             _write_initial_state(run_id, cfg, weights, services.layout)

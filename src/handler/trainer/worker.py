@@ -15,11 +15,12 @@ from typing import Any
 import keras
 import numpy as np
 
-from trainer import data, logs, models, training
+from trainer import data, logs, models, sharding, training
 from trainer.coordination import SUCCEEDED, RunStatus
 from trainer.efs_layout import file_size, load_arrays, save_arrays
 from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError, TrainingError
-from trainer.protocol import CombineEvent, WorkerEvent
+from trainer.fan_out import reduce_round
+from trainer.protocol import WorkerEvent
 from trainer.services import Services, load_global_weights, model_for, require_run, run_dataset
 
 log = logging.getLogger(__name__)
@@ -233,16 +234,16 @@ def _write_update(
     share_began: float,
     services: Services,
 ) -> list[Path]:
-    """Write the update: deltas of trainable weights (in ``update_dtype``), values of BatchNorm statistics.
+    """Write the update: deltas of trainable weights (in ``update_dtype``), values of BatchNorm statistics; for
+    a sharded run as one member per slice (``trainer/sharding.py``), so a reducer reads its slice in one piece.
     Returns the paths this call published: the update and the kept optimizer state written before it (none
     when another copy had already published them)."""
     began = time.perf_counter()
     dtype = np.dtype(run.config.update_dtype)
+    trainable = models.trainable_mask(model)
     update = [
         (local - start).astype(dtype) if is_trainable else local
-        for local, start, is_trainable in zip(
-            model.get_weights(), global_weights, models.trainable_mask(model), strict=True
-        )
+        for local, start, is_trainable in zip(model.get_weights(), global_weights, trainable, strict=True)
     ]
     meta = {
         "worker": event.worker_index,
@@ -260,6 +261,8 @@ def _write_update(
         "bytes_read": state.bytes_read,
         "bytes_written": state.bytes_written,
     }
+    update, sharded_layout = sharding.encode_update(update, trainable, run.reducers)
+    meta.update(sharded_layout)
     layout = services.layout
     written: list[Path] = []
     keeps_optimizer = run.config.local_optimizer == "keep" and not run.schedule.is_last(event.round_index)
@@ -305,14 +308,5 @@ def _register(event: WorkerEvent, run: RunStatus, services: Services) -> dict[st
         event.run_id, event.round_index, run.generation, event.worker_index, event.attempt
     ):
         return {"status": "trained", "done": len(done), "combine": "claimed elsewhere"}
-    combine = CombineEvent(
-        event.run_id,
-        event.round_index,
-        run.config.workers,
-        event.epochs_done,
-        generation=run.generation,
-        instance=run.instance,
-    )
-    services.invoker.invoke_async([combine.to_wire()])
-    logs.event(log, "combine_invoked")
+    reduce_round(run, event.round_index, event.epochs_done, services)
     return {"status": "trained", "done": len(done), "combine": "invoked"}
