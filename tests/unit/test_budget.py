@@ -46,7 +46,7 @@ def test_an_invalid_budget_is_refused_with_the_field(key: str, value: Any, messa
 
 
 def test_a_budget_of_zero_means_no_limit() -> None:
-    run = coordination.RunStatus.new("r", TrainConfig(workers=2, epochs=2), 100)
+    run = coordination.RunStatus.new("r", TrainConfig(workers=2, epochs=2, rounds_per_epoch=1), 100)
     run = dataclasses.replace(run, created_at="2000-01-01T00:00:00+00:00", gb_s=1e9)
     metrics = coordination.RoundMetrics(0, 10, 1.0, {}, 0, 0, invocation_s=1e6, memory_mb=MEMORY_MB)
 
@@ -54,7 +54,7 @@ def test_a_budget_of_zero_means_no_limit() -> None:
 
 
 def test_the_wall_budget_counts_from_the_runs_creation_to_the_commit() -> None:
-    config = TrainConfig(workers=2, epochs=2, max_wall_s=600)
+    config = TrainConfig(workers=2, epochs=2, rounds_per_epoch=1, max_wall_s=600)
     run = dataclasses.replace(
         coordination.RunStatus.new("r", config, 100), created_at="2026-11-28T10:00:00+00:00"
     )
@@ -67,7 +67,7 @@ def test_the_wall_budget_counts_from_the_runs_creation_to_the_commit() -> None:
 
 
 def test_the_gb_s_budget_adds_the_rounds_measure_to_what_the_run_used() -> None:
-    config = TrainConfig(workers=2, epochs=4, max_gb_s=100)
+    config = TrainConfig(workers=2, epochs=4, rounds_per_epoch=1, max_gb_s=100)
     run = dataclasses.replace(coordination.RunStatus.new("r", config, 100), gb_s=90.0, round_index=1)
     under = coordination.RoundMetrics(1, 10, 1.0, {}, 0, 0, invocation_s=0.9, memory_mb=MEMORY_MB)  # 9 GB-s
     over = dataclasses.replace(under, invocation_s=1.0)  # 10 GB-s
