@@ -274,23 +274,29 @@ def components(results: dict[str, Any]) -> dict[str, float]:
 
 def epoch_time(workers: int, scenario: dict[str, Any], cost: dict[str, float], rounds: int = 1) -> float:
     """Modelled seconds per epoch for ``workers`` workers: the epoch's compute, plus ``rounds`` rounds' costs
-    (the paper: one round per epoch)."""
+    (the paper: one round per epoch). ``scenario["update"]``: an update's size in models (0.5 for float16);
+    ``scenario["kept_state"]``: each worker also reads and writes its optimizer state (``local_optimizer`` keep,
+    one float32 model's worth)."""
     efs = EFS[scenario["efs"]]
+    rounds = scenario.get("rounds", rounds)
+    update_mib = MODEL_MIB * scenario.get("update", 1.0)
+    kept_mib = MODEL_MIB if scenario.get("kept_state") else 0.0
     vcpus = scenario["memory_mb"] / LAMBDA_MB_PER_VCPU
     compute = EXAMPLES / workers / (HOST_IMAGES_PER_S * vcpus / HOST_VCPUS)
     # Workers read the weights and write their updates at once: the file system's limits are shared.
-    worker_read = workers * MODEL_MIB / efs["read_mibs"] if efs["shared"] else MODEL_MIB / efs["client_mibs"]
-    worker_read = max(worker_read, MODEL_MIB / efs["client_mibs"])
-    worker_write = max(workers * MODEL_MIB / efs["write_mibs"], MODEL_MIB / efs["client_mibs"])
+    read_mib, write_mib = MODEL_MIB + kept_mib, update_mib + kept_mib
+    worker_read = workers * read_mib / efs["read_mibs"] if efs["shared"] else read_mib / efs["client_mibs"]
+    worker_read = max(worker_read, read_mib / efs["client_mibs"])
+    worker_write = max(workers * write_mib / efs["write_mibs"], write_mib / efs["client_mibs"])
     workers_s = WORKER_OVERHEAD_S + worker_read + worker_write
     client = min(efs["client_mibs"], efs["read_mibs"])
     reducers = scenario.get("reducers", lambda n: 1)(workers)
     if reducers == 1:
-        average = cost["combine_fixed_s"] + workers * (cost["combine_per_update_s"] + MODEL_MIB / client)
+        average = cost["combine_fixed_s"] + workers * (cost["combine_per_update_s"] + update_mib / client)
         average += MODEL_MIB / min(efs["client_mibs"], efs["write_mibs"])  # the next weights
         return compute + rounds * (workers_s + INVOKE_S + average)
-    share_mib = workers * MODEL_MIB / reducers  # what one reducer reads
-    parallel_read = max(share_mib / client, workers * MODEL_MIB / efs["read_mibs"])
+    share_mib = workers * update_mib / reducers  # what one reducer reads
+    parallel_read = max(share_mib / client, workers * update_mib / efs["read_mibs"])
     reducer = cost["reducer_fixed_s"] + workers / reducers * cost["reducer_per_full_update_s"] + parallel_read
     commit = cost["commit_s"] + 2 * MODEL_MIB / client  # read the slices, write the next weights
     return compute + rounds * (workers_s + 2 * INVOKE_S + reducer + commit)
@@ -323,6 +329,15 @@ def model(args: argparse.Namespace) -> int:
             "reducers": auto,
         },
     }
+    # The accuracy study's defaults (issue 10): 4 rounds per epoch and each worker's kept optimizer state on EFS;
+    # with float16 updates beside them. Not plotted: in scale_model.json and bench/RESULTS.md.
+    defaults = {"memory_mb": 10240, "efs": "elastic", "reducers": auto, "rounds": 4, "kept_state": True}
+    trained_defaults = {
+        "defaults: sharded, 4 rounds/epoch, kept optimizer state": defaults,
+        "defaults + float16 updates": {**defaults, "update": 0.5},
+        "defaults without the kept state (local_optimizer reset)": {**defaults, "kept_state": False},
+        "defaults at 2 rounds per epoch": {**defaults, "rounds": 2},
+    }
     counts = list(range(1, 65))
     curves = {name: [epoch_time(n, scenario, cost) for n in counts] for name, scenario in scenarios.items()}
     paper = curves[next(iter(scenarios))]
@@ -345,6 +360,13 @@ def model(args: argparse.Namespace) -> int:
     report["seconds_per_epoch_at_4_rounds_per_epoch"] = {
         name: {n: round(epoch_time(n, scenario, cost, rounds=4), 1) for n in (1, 8, 17, 32, 64)}
         for name, scenario in scenarios.items()
+    }
+    report["defaults_of_the_accuracy_study"] = {
+        name: {
+            "knee_workers": min(counts, key=lambda n, s=scenario: epoch_time(n, s, cost)),
+            "seconds_per_epoch": {n: round(epoch_time(n, scenario, cost), 1) for n in (1, 4, 8, 16, 32, 64)},
+        }
+        for name, scenario in trained_defaults.items()
     }
     print(json.dumps(report, indent=2))
     if not (14 <= knee <= 20 and 0.8 <= report["paper_t33_over_t8"] <= 1.25):
