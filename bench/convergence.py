@@ -248,6 +248,22 @@ def load_results(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+FULL_WIDTH_MODEL_BYTES = 80_204_365  # vgg19_bn at width 1 as an .npz (bench/RESULTS.md, "Scale")
+
+
+def efs_bytes_per_round(config: dict[str, Any], model_bytes: int = FULL_WIDTH_MODEL_BYTES) -> float:
+    """EFS bytes one round moves for this configuration at full width: each worker reads the weights (and its
+    kept optimizer state) and writes its update (and its next kept state); the averaging reads every update and
+    the weights (and the outer momentum) and writes the next weights (and momentum)."""
+    workers = config["workers"]
+    update = model_bytes * (0.5 if config.get("update_dtype") == "float16" else 1.0)
+    kept = model_bytes if config.get("local_optimizer", "reset") == "keep" else 0.0
+    outer = model_bytes if config.get("outer_momentum", 0.0) > 0 else 0.0
+    worker_bytes = workers * (model_bytes + update + 2 * kept)
+    averaging_bytes = workers * update + 2 * model_bytes + 2 * outer
+    return worker_bytes + averaging_bytes
+
+
 def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (label, workers): mean and spread (min-max) of the final accuracy over seeds."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = collections.defaultdict(list)
@@ -264,10 +280,10 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "epochs": group[0]["config"]["epochs"],
                 "mean": statistics.fmean(finals),
                 "spread": max(finals) - min(finals),
+                "low": min(finals),
+                "high": max(finals),
                 "rounds": group[0]["rounds"],
-                "gb_moved": statistics.fmean(
-                    (result["bytes_read"] + result["bytes_written"]) / 1e9 for result in group
-                ),
+                "efs_gb_full_width": group[0]["rounds"] * efs_bytes_per_round(group[0]["config"]) / 1e9,
                 "wall_s": statistics.fmean(result["wall_s"] for result in group),
             }
         )
@@ -280,14 +296,18 @@ def command_report(args: argparse.Namespace) -> int:
         results = [result for result in results if result["label"] in args.labels]
     rows = summarize(results)
     print(
-        "| configuration | N | seeds | epochs | final test accuracy (mean, spread) | rounds | GB moved* | wall s |"
+        "| configuration | N | seeds | epochs | final test accuracy: mean (min-max) | rounds "
+        "| EFS GB per run at width 1 | harness wall s |"
     )
     print("|---|---:|---|---:|---|---:|---:|---:|")
     for row in rows:
         seeds = ",".join(str(seed) for seed in row["seeds"])
+        accuracy = f"{100 * row['mean']:.1f} %"
+        if len(row["seeds"]) > 1:
+            accuracy += f" ({100 * row['low']:.1f}-{100 * row['high']:.1f})"
         print(
-            f"| {row['label']} | {row['workers']} | {seeds} | {row['epochs']} | {100 * row['mean']:.1f} % "
-            f"(±{50 * row['spread']:.1f}) | {row['rounds']} | {row['gb_moved']:.2f} | {row['wall_s']:.0f} |"
+            f"| {row['label']} | {row['workers']} | {seeds} | {row['epochs']} | {accuracy} | {row['rounds']} "
+            f"| {row['efs_gb_full_width']:.0f} | {row['wall_s']:.0f} |"
         )
     if args.png:
         plot(results, Path(args.png))

@@ -78,11 +78,28 @@ def test_settings_parse_json_values_and_reject_pairs_without_a_key() -> None:
 
 def test_summary_gives_mean_and_spread_over_seeds() -> None:
     convergence = load_harness()
-    common = {"label": "x", "workers": 4, "config": {"epochs": 3}, "rounds": 6, "bytes_read": 1e9}
+    config = {"epochs": 3, "workers": 4, "local_optimizer": "keep"}
+    common = {"label": "x", "workers": 4, "config": config, "rounds": 6, "bytes_read": 1e9}
     results = [
         {**common, "seed": 0, "final_accuracy": 0.60, "bytes_written": 0, "wall_s": 10},
         {**common, "seed": 1, "final_accuracy": 0.64, "bytes_written": 0, "wall_s": 20},
     ]
     (row,) = convergence.summarize(results)
     assert row["mean"] == pytest.approx(0.62) and row["spread"] == pytest.approx(0.04)
-    assert row["seeds"] == [0, 1] and row["gb_moved"] == pytest.approx(1.0) and row["wall_s"] == 15
+    assert row["seeds"] == [0, 1] and (row["low"], row["high"]) == (0.60, 0.64) and row["wall_s"] == 15
+    # per round at width 1 (M bytes): 4 workers x (weights + update + kept state in and out) + 4 updates and
+    # the weights read + the next weights written
+    assert row["efs_gb_full_width"] == pytest.approx(
+        6 * (4 * 4 + 4 + 2) * convergence.FULL_WIDTH_MODEL_BYTES / 1e9
+    )
+
+
+def test_float16_updates_and_outer_momentum_change_the_bytes_a_round_moves() -> None:
+    convergence = load_harness()
+    model = convergence.FULL_WIDTH_MODEL_BYTES
+    paper = {"workers": 2, "local_optimizer": "reset", "update_dtype": "float32", "outer_momentum": 0.0}
+    assert convergence.efs_bytes_per_round(paper) == (2 * 2 + 2 + 2) * model
+    half = {**paper, "update_dtype": "float16"}
+    assert convergence.efs_bytes_per_round(half) == (2 * 1.5 + 1 + 2) * model
+    outer = {**paper, "outer_momentum": 0.9}
+    assert convergence.efs_bytes_per_round(outer) == (2 * 2 + 2 + 4) * model
