@@ -12,15 +12,16 @@ from typing import Any
 from localrun.errors import LocalRuntimeError
 from trainer import config, errors, protocol
 
-# `--demo`: a fixed amount of work (3 epochs of all 50,000 images, 4 workers, width 0.25, the trainer's default
-# algorithm and batch) sized to finish within 8 minutes on the slowest 2-core host measured (issue 10: ~190 img/s per
-# worker at batch 64, two at a time; batch 128 trains ~1.45x more images per second, see bench/RESULTS.md "Demo").
-# Explicit options and --config override these.
+# `--demo`: a fixed amount of work (3 epochs of the first 40,000 training images, 4 workers, width 0.25, the trainer's
+# default algorithm and batch), sized to finish within 8 minutes on the slowest 2-core host measured (~190 img/s
+# per worker at batch 64, two at a time); bench/RESULTS.md "Demo" has the arithmetic. Explicit options and --config
+# override these.
 DEMO_PRESET: dict[str, Any] = {
     "workers": 4,
     "model": "vgg19_bn",
     "width": 0.25,
     "epochs": 3,
+    "train_samples": 40_000,
     "test_samples": 2_000,
 }
 RESERVED_KEYS = ("start", "run", "resume")  # set by --run and --resume, never by --config
