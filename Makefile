@@ -107,7 +107,7 @@ delete: ## sam delete the stack; EFS, the status table and the bucket are retain
 preprocess: $(VENV)/.installed ## CIFAR-10 -> NumPy arrays in DATA_DIR (and S3/EFS with S3_URI= STACK=)
 	$(BIN)/cifar10-prep $(if $(CIFAR10_ARCHIVE),--source "$(CIFAR10_ARCHIVE)") --out "$(DATA_DIR)" $(if $(FORCE),--force) $(if $(S3_URI),--s3-uri "$(S3_URI)" --stack "$(STACK)" --region "$(REGION)")
 
-demo: install ## Train on this machine with no AWS (about 5 minutes on 2 cores; CIFAR10_ARCHIVE= to skip the download)
+demo: install ## Train on this machine with no AWS (3-8 minutes on 2 cores; CIFAR10_ARCHIVE= to skip the download)
 	$(BIN)/lambdatrain local --demo $(if $(CIFAR10_ARCHIVE),--source "$(CIFAR10_ARCHIVE)")
 
 local: install ## lambdatrain local with ARGS="..."
