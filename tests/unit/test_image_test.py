@@ -28,7 +28,7 @@ START = next(expectation for expectation in runner.EXPECTATIONS if expectation.e
 FAN_OUT = [
     {"workerno": index, "workers": 6, "epochsdone": 0, "run": "vgg19-bn-6w", "round": 0} for index in range(6)
 ]
-STARTED = {"status": "started", "run": "vgg19-bn-6w", "workers": 6, "total_rounds": 60}
+STARTED = {"status": "started", "run": "vgg19-bn-6w", "workers": 6, "total_rounds": 120}
 
 
 def test_every_sample_event_has_a_documented_result():

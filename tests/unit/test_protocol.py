@@ -35,14 +35,14 @@ def mutated(name: str, path: tuple[Any, ...], value: Any, delete: bool = False) 
 
 def test_sample_events_parse_to_their_kinds() -> None:
     assert isinstance(protocol.parse_event(load("start")), protocol.StartEvent)
-    assert protocol.parse_event(load("worker")) == protocol.WorkerEvent("vgg19-bn-6w", 14, 3, 6, 7)
-    assert protocol.parse_event(load("combine")) == protocol.CombineEvent("vgg19-bn-6w", 14, 6, 7)
+    assert protocol.parse_event(load("worker")) == protocol.WorkerEvent("vgg19-bn-6w", 14, 3, 6, 3)
+    assert protocol.parse_event(load("combine")) == protocol.CombineEvent("vgg19-bn-6w", 14, 6, 3)
     assert protocol.parse_event(load("stop")) == protocol.StopEvent("vgg19-bn-6w")
     s3 = protocol.parse_event(load("s3_put"))
     assert s3 == protocol.S3StartEvent("lambdatrain-123456789012-us-east-1", "start/vgg19-bn-6w.json")
     failure = protocol.parse_event(load("failure_record"))
     assert isinstance(failure, protocol.FailureRecord)
-    assert failure.failed == protocol.WorkerEvent("vgg19-bn-6w", 14, 3, 6, 7)
+    assert failure.failed == protocol.WorkerEvent("vgg19-bn-6w", 14, 3, 6, 3)
     assert failure.error_message == "worker 3 ran out of memory"
 
 

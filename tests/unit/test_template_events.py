@@ -53,4 +53,4 @@ def test_failure_record_survives_the_sqs_queue_the_template_delivers_it_through(
     parsed = protocol.parse_event(sqs_event)
 
     assert isinstance(parsed, protocol.FailureRecord)
-    assert parsed.failed == protocol.WorkerEvent("vgg19-bn-6w", 14, 3, 6, 7)
+    assert parsed.failed == protocol.WorkerEvent("vgg19-bn-6w", 14, 3, 6, 3)

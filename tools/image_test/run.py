@@ -74,7 +74,7 @@ EXPECTATIONS = (
     Expectation(
         "start.json",
         "fresh",
-        {"status": "started", "run": RUN_ID, "workers": 6, "total_rounds": 60},
+        {"status": "started", "run": RUN_ID, "workers": 6, "total_rounds": 120},  # 30 epochs x 4 rounds
         tuple({"workerno": index, "workers": 6, "round": 0, "run": RUN_ID} for index in range(6)),
     ),
     # The same start object again, read from S3: a redelivered notification is a no-op.

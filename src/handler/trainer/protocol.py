@@ -8,12 +8,12 @@ starts a new one); events without it come from the first generation.
 ==================  ===========================================================================================
 kind                example
 ==================  ===========================================================================================
-start               ``{"start": true, "workers": 6, "run": "exp1", "epochs": 3, ...TrainConfig keys}``
+start               ``{"start": true, "workers": 6, "run": "exp1", "epochs": 30, ...TrainConfig keys}``
 start (S3)          an ``ObjectCreated`` notification for ``start/<name>.json``; the object body is a start event
-worker              ``{"workerno": 3, "workers": 6, "epochsdone": 7, "run": "exp1", "round": 12, "generation": 1}``
-combine             ``{"combine": true, "workers": 6, "epochsdone": 7, "run": "exp1", "round": 12, "generation": 1}``
+worker              ``{"workerno": 3, "workers": 6, "epochsdone": 7, "run": "exp1", "round": 28, "generation": 1}``
+combine             ``{"combine": true, "workers": 6, "epochsdone": 7, "run": "exp1", "round": 28, "generation": 1}``
 reduce              ``{"reduce": true, "reducer": 2, "reducers": 4, "workers": 64, "epochsdone": 7, "run": "exp1",
-                    "round": 12, "generation": 1}`` - slice 2 of 4 of a sharded round (instead of the combine)
+                    "round": 28, "generation": 1}`` - slice 2 of 4 of a sharded round (instead of the combine)
 stop                ``{"stop": true, "run": "exp1"}`` - finish the current round, then state STOPPED
 watchdog            ``{"watchdog": true}`` - the schedule's check for runs whose events were all lost; ``run`` limits
                     it to one run and ``stalled_after_s`` overrides the silence that counts as stalled (what
