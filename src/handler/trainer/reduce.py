@@ -216,8 +216,12 @@ def _register(event: ReduceEvent, run: RunStatus, services: Services) -> dict[st
     logs.event(log, "reducer_registered", done=len(reduced), reducers=run.reducers)
     if len(reduced) < run.reducers:
         return {"status": "reduced", "done": len(reduced)}
+    # The claim is the event's generation's, not the run's: a late copy of an older generation (delivered after a
+    # resume or a watchdog re-send) may take only its own generation's claim, which the current one outranks; its
+    # failure record is ignored as stale, so a claim it took in the current generation would block the round.
+    generation = min(event.generation, run.generation)
     if not services.status.claim_commit(
-        run.run_id, run.round_index, run.generation, event.reducer_index, event.attempt
+        run.run_id, run.round_index, generation, event.reducer_index, event.attempt
     ):
         return {"status": "reduced", "done": len(reduced), "commit": "claimed elsewhere"}
     return _commit(run, services)

@@ -304,8 +304,11 @@ def _register(event: WorkerEvent, run: RunStatus, services: Services) -> dict[st
     logs.event(log, "worker_registered", done=len(done), workers=run.config.workers)
     if len(done) < run.config.workers:
         return {"status": "trained", "done": len(done)}
+    # The event's generation's claim (see reduce._register): a late copy of an older generation must not take the
+    # current generation's claim, since its failure record is ignored as stale.
+    generation = min(event.generation, run.generation)
     if not services.status.claim_combine(
-        event.run_id, event.round_index, run.generation, event.worker_index, event.attempt
+        event.run_id, event.round_index, generation, event.worker_index, event.attempt
     ):
         return {"status": "trained", "done": len(done), "combine": "claimed elsewhere"}
     reduce_round(run, event.round_index, event.epochs_done, services)
