@@ -275,3 +275,19 @@ def test_keep_and_reset_train_different_models(harness: Harness) -> None:
     harness.drain()
     reset, keep = harness.final_weights("reset"), harness.final_weights("keep")
     assert not all(np.array_equal(a, b) for a, b in zip(reset, keep, strict=True))
+
+
+def test_kept_optimizer_states_count_in_the_workers_efs_bytes(harness: Harness) -> None:
+    harness.invoke(start_event("reset", workers=2, epochs=1, rounds_per_epoch=2, local_optimizer="reset"))
+    harness.invoke(start_event("keep", workers=2, epochs=1, rounds_per_epoch=2, local_optimizer="keep"))
+    harness.drain()
+    reset, keep = harness.status.list_rounds("reset"), harness.status.list_rounds("keep")
+    # round 0: keep writes each worker's next state; round 1 (the last): it reads them and writes none
+    written = keep[0].metrics.worker_bytes_written - reset[0].metrics.worker_bytes_written
+    read = keep[1].metrics.worker_bytes_read - reset[1].metrics.worker_bytes_read
+    assert written > 300_000  # two states of the 79,318-parameter model's momentum (float32)
+    assert (
+        abs(read - written) < 100
+    )  # the two read in round 1 (the files' JSON metadata differ by a few bytes)
+    last_round_extra = keep[1].metrics.worker_bytes_written - reset[1].metrics.worker_bytes_written
+    assert abs(last_round_extra) < 100  # only the updates (their JSON metadata vary by a few bytes)

@@ -59,8 +59,8 @@ class Schedule:
 
     def learning_rate(self, round_index: int, step: int = 0, steps: int = 1) -> float:
         """The local learning rate at local step ``step`` of ``steps`` in a round: a linear warm-up over
-        ``warmup_epochs`` (at most half the run), then constant or cosine decay to 0 over the rest of the run. It depends on the run's
-        position only, so every worker uses the same rate at the same point."""
+        ``warmup_epochs`` (at most half the run), then constant or cosine decay to 0 over the rest of the run.
+        It depends on the run's position only, so every worker uses the same rate at the same point."""
         position = round_index + min(step, steps) / max(1, steps)  # in rounds, fractional
         # At most half the run warms up, so that a short run (the default 1 epoch of warm-up, epochs 1) decays too.
         warmup = min(self.config.warmup_epochs * self.rounds_per_epoch, self.total_rounds / 2)

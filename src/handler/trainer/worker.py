@@ -147,13 +147,15 @@ def _restore_local_state(
     augmentation depend only on the step index."""
     model.set_weights(global_weights)
     training.reset_optimizer(model, run.schedule.learning_rate(event.round_index))
+    kept_bytes = 0
     if run.config.local_optimizer == "keep" and event.round_index > 0:
-        _restore_kept_optimizer(event, run, model, services)
+        kept_bytes = _restore_kept_optimizer(event, run, model, services)
     partial_path = services.layout.partial_path(run.run_id, event.round_index, event.worker_index)
     if not partial_path.exists():
-        return training.LocalState()
+        return training.LocalState(bytes_read=kept_bytes)
     arrays, meta = load_arrays(partial_path)
     state = training.LocalState.from_meta(meta)
+    state.bytes_read += kept_bytes
     saved_bytes = file_size(partial_path)  # written by the previous invocation, read by this one
     state.bytes_written += saved_bytes
     state.bytes_read += saved_bytes
@@ -167,18 +169,19 @@ def _restore_local_state(
 
 def _restore_kept_optimizer(
     event: WorkerEvent, run: RunStatus, model: keras.Model, services: Services
-) -> None:
-    """Load the optimizer state this worker's previous round left for it. Missing (a run resumed from a state
-    written before it kept momentum): start from zero, as a reset would."""
+) -> int:
+    """Load the optimizer state this worker's previous round left for it; returns the bytes read. Missing (a run
+    resumed from a state written before it kept momentum): start from zero, as a reset would."""
     path = services.layout.local_state_path(run.run_id, event.round_index, event.worker_index)
     if not path.exists():
         logs.event(log, "kept_optimizer_state_missing", level=logging.WARNING, path=str(path))
-        return
+        return 0
     arrays, meta = load_arrays(path)
     if meta.get("instance", run.instance) != run.instance:  # a removed run's late worker left it: not ours
         logs.event(log, "kept_optimizer_state_foreign", level=logging.WARNING, path=str(path))
-        return
+        return file_size(path)
     _restore_optimizer(model, arrays, path)
+    return file_size(path)
 
 
 def _restore_optimizer(model: keras.Model, arrays: list[np.ndarray], path: Path) -> None:
@@ -245,6 +248,18 @@ def _write_update(
         (local - start).astype(dtype) if is_trainable else local
         for local, start, is_trainable in zip(model.get_weights(), global_weights, trainable, strict=True)
     ]
+    layout = services.layout
+    written: list[Path] = []
+    kept_bytes = 0
+    keeps_optimizer = run.config.local_optimizer == "keep" and not run.schedule.is_last(event.round_index)
+    if keeps_optimizer:  # before the update: a written update implies its worker's next optimizer state
+        kept = layout.local_state_path(run.run_id, event.round_index + 1, event.worker_index)
+        kept_meta = {"round": event.round_index + 1, "worker": event.worker_index, "instance": run.instance}
+        if save_arrays(kept, training.optimizer_state(model), kept_meta, once=True):
+            written.append(kept)
+        kept_bytes = file_size(
+            kept
+        )  # written now or by an earlier attempt: the round's EFS traffic either way
     meta = {
         "worker": event.worker_index,
         "round": event.round_index,
@@ -259,18 +274,10 @@ def _write_update(
         # EFS bytes read, and bytes of saved states written (the combine measures the update file itself).
         "handler_s": state.handler_s + (time.perf_counter() - share_began),
         "bytes_read": state.bytes_read,
-        "bytes_written": state.bytes_written,
+        "bytes_written": state.bytes_written + kept_bytes,
     }
     update, sharded_layout = sharding.encode_update(update, trainable, run.reducers)
     meta.update(sharded_layout)
-    layout = services.layout
-    written: list[Path] = []
-    keeps_optimizer = run.config.local_optimizer == "keep" and not run.schedule.is_last(event.round_index)
-    if keeps_optimizer:  # before the update: a written update implies its worker's next optimizer state
-        kept = layout.local_state_path(run.run_id, event.round_index + 1, event.worker_index)
-        kept_meta = {"round": event.round_index + 1, "worker": event.worker_index, "instance": run.instance}
-        if save_arrays(kept, training.optimizer_state(model), kept_meta, once=True):
-            written.append(kept)
     path = layout.update_path(run.run_id, event.round_index, event.worker_index)
     size = save_arrays(path, update, meta, once=True)  # a copy that finished first has already won
     layout.partial_path(run.run_id, event.round_index, event.worker_index).unlink(missing_ok=True)
