@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from trainer import coordination, watchdog
+from trainer import coordination, housekeeping, watchdog
 from trainer.efs_layout import load_arrays, save_arrays
 from trainer.errors import InvalidEventError, LayoutError
 from trainer_harness import Crash, Harness, deliver_until, failure_record, race, run_files, start_event
@@ -574,7 +574,7 @@ def test_a_removed_runs_straggler_reducer_cannot_publish_into_a_recreated_run(
 ) -> None:
     """DEFECT (narrow window, not fixed): ``lambdatrain rm`` of a stopped run, then a new run with the same id and
     another configuration, while a reducer of the old one is still writing (it passed its checks before the
-    stop). ``_round_over`` catches the straggler only after it published; in between, the new run's reducer 0
+    stop). ``housekeeping.round_over`` catches the straggler only after it published; in between, the new run's reducer 0
     sees ``slice-0000.npz`` and skips its own reduce. A fix needs the run's ``instance`` in the slice's metadata,
     checked where a written slice is trusted (the reducer's "already written" path and the commit)."""
     import shutil
@@ -585,7 +585,7 @@ def test_a_removed_runs_straggler_reducer_cannot_publish_into_a_recreated_run(
     want = reference_of(harness, "ref", **other)
     harness.invoke(start_event("re", **SHARDED))
     old0, _old1 = until_reducers(harness)
-    saved, round_over = reduce.save_arrays, reduce._round_over
+    saved, round_over = reduce.save_arrays, housekeeping.round_over
     new: list[dict[str, Any]] = []
 
     def recreate_meanwhile(path: Any, *args: Any, **kwargs: Any) -> int:
@@ -598,14 +598,14 @@ def test_a_removed_runs_straggler_reducer_cannot_publish_into_a_recreated_run(
             new.extend(until_reducers(harness))
         return saved(path, *args, **kwargs)
 
-    def new_reducer_first(event: Any, services: Any) -> Any:
+    def new_reducer_first(event: Any, status: Any) -> Any:
         if event.instance != harness.run("re").instance and new[0].get("pending", True):
             new[0] = {**new[0], "pending": False}
             harness.invoke({k: v for k, v in new[0].items() if k != "pending"})  # finds slice 0 written
-        return round_over(event, services)
+        return round_over(event, status)
 
     monkeypatch.setattr(reduce, "save_arrays", recreate_meanwhile)
-    monkeypatch.setattr(reduce, "_round_over", new_reducer_first)
+    monkeypatch.setattr(housekeeping, "round_over", new_reducer_first)
     assert harness.invoke(old0)["status"] == "ignored"  # the straggler, caught after it published
     monkeypatch.undo()
     harness.invoke({k: v for k, v in new[1].items() if k != "pending"})

@@ -19,9 +19,11 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from pathlib import Path
+from typing import Any
 
 from trainer import logs
-from trainer.coordination import SUCCEEDED, RunStatus
+from trainer.coordination import SUCCEEDED, RunStatus, StatusTable
 from trainer.efs_layout import EfsLayout
 
 log = logging.getLogger(__name__)
@@ -68,3 +70,29 @@ def discard_token(run: RunStatus, token: str, layout: EfsLayout) -> None:
         layout.outer_state_path(run.run_id, next_round, token),
     ):
         path.unlink(missing_ok=True)
+
+
+def round_over(event: Any, status: StatusTable) -> str | None:
+    """Why a worker's or reducer's ``event`` round is over (the run was removed, the id now names another run,
+    the round was committed, the run finished), or None. A run that failed or was stopped at this round still
+    wants the round's files: a resume reuses them."""
+    fresh = status.get_run(event.run_id)
+    if fresh is None:
+        return f"run {event.run_id!r} was removed"
+    if not fresh.owns(event):
+        return f"run {event.run_id!r} was removed and started again"
+    if fresh.round_index != event.round_index or fresh.state == SUCCEEDED:
+        return f"run is {fresh.state} at round {fresh.round_index}"
+    return None
+
+
+def take_back(path: Path, run_dir: Path) -> None:
+    """Delete a file a late copy wrote after its round ended, and the folders that only it had created."""
+    path.unlink(missing_ok=True)
+    for folder in path.parents:
+        if folder == run_dir.parent:
+            break
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            break

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer import aggregation, combine, logs, models, sharding
+from trainer import aggregation, combine, housekeeping, logs, models, sharding
 from trainer.coordination import SUCCEEDED, RunStatus
 from trainer.efs_layout import file_size, load_arrays, load_members, save_arrays
 from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError
@@ -118,9 +118,9 @@ def _reduce_slice(event: ReduceEvent, run: RunStatus, services: Services) -> str
         "reduce_s": time.perf_counter() - began,
     }
     written = save_arrays(path, new_weights + (new_momentum or []), meta, once=True)
-    over = _round_over(event, services)
+    over = housekeeping.round_over(event, services.status)
     if over is not None and written:  # the round ended (and was cleaned up) while this copy wrote
-        _take_back(path, layout.run_dir(run.run_id))
+        housekeeping.take_back(path, layout.run_dir(run.run_id))
         return over
     logs.event(
         log,
@@ -178,30 +178,6 @@ def _momentum_slice(
     for index, array in zip(wanted, arrays, strict=True):
         full[index] = array
     return [plan.cut(full, k, trainable=True)], size
-
-
-def _round_over(event: ReduceEvent, services: Services) -> str | None:
-    """Why the reducer's round is over (the run removed or replaced, the round committed, the run finished)."""
-    fresh = services.status.get_run(event.run_id)
-    if fresh is None:
-        return f"run {event.run_id!r} was removed"
-    if not fresh.owns(event):
-        return f"run {event.run_id!r} was removed and started again"
-    if fresh.round_index != event.round_index or fresh.state == SUCCEEDED:
-        return f"run is {fresh.state} at round {fresh.round_index}"
-    return None
-
-
-def _take_back(path: Path, run_dir: Path) -> None:
-    """Delete a slice this copy wrote after its round ended, and the folders only it had created."""
-    path.unlink(missing_ok=True)
-    for folder in path.parents:
-        if folder == run_dir.parent:
-            break
-        try:
-            folder.rmdir()  # only if empty
-        except OSError:
-            break
 
 
 # --- registration and the commit -------------------------------------------------------------------------

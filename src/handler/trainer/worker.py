@@ -15,8 +15,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from trainer import data, logs, models, sharding, training
-from trainer.coordination import SUCCEEDED, RunStatus
+from trainer import data, housekeeping, logs, models, sharding, training
+from trainer.coordination import RunStatus
 from trainer.efs_layout import file_size, load_arrays, save_arrays
 from trainer.errors import CoordinationConflictError, InvalidEventError, LayoutError, TrainingError
 from trainer.fan_out import reduce_round
@@ -84,16 +84,18 @@ def train_share(
     )
     steps_now = state.next_step - first_step
     state.bytes_read += (state.samples - first_samples) * _example_bytes(dataset)
-    over = _round_over(event, services)  # a late copy must leave nothing that nobody will read
+    over = housekeeping.round_over(
+        event, services.status
+    )  # a late copy must leave nothing that nobody will read
     if over is not None:
         return _ignored(over)
     if not done:
         return _continue_later(event, run, model, state, steps_now, load_s, began, services)
     written = _write_update(event, run, model, global_weights, state, steps_now, load_s, began, services)
-    over = _round_over(event, services)
+    over = housekeeping.round_over(event, services.status)
     if over is not None and written:  # the round ended (and was cleaned up) while this one wrote
         for path in written:  # its kept optimizer state too: nobody of this run will read it
-            _take_back(path, services.layout.run_dir(event.run_id))
+            housekeeping.take_back(path, services.layout.run_dir(event.run_id))
         return _ignored(over)
     return None
 
@@ -103,35 +105,9 @@ def _example_bytes(dataset: data.Dataset) -> int:
     return int(dataset.train_x[:1].nbytes + dataset.train_y[:1].nbytes)
 
 
-def _round_over(event: WorkerEvent, services: Services) -> str | None:
-    """Why ``event``'s round is over (the run was removed, the id now names another run, the round was
-    committed, the run finished), or None. A run that failed or was stopped at this round still wants the
-    update: a resume reuses it."""
-    fresh = services.status.get_run(event.run_id)
-    if fresh is None:
-        return f"run {event.run_id!r} was removed"
-    if not fresh.owns(event):
-        return f"run {event.run_id!r} was removed and started again"
-    if fresh.round_index != event.round_index or fresh.state == SUCCEEDED:
-        return f"run is {fresh.state} at round {fresh.round_index}"
-    return None
-
-
 def _ignored(reason: str) -> dict[str, Any]:
     logs.event(log, "stale_worker_event_ignored", reason=reason)
     return {"status": "ignored", "reason": reason}
-
-
-def _take_back(path: Path, run_dir: Path) -> None:
-    """Delete a file this copy wrote after its round ended, and the folders that only it had created."""
-    path.unlink(missing_ok=True)
-    for folder in path.parents:
-        if folder == run_dir.parent:
-            break
-        try:
-            folder.rmdir()  # only if empty
-        except OSError:
-            break
 
 
 def _restore_local_state(
@@ -209,9 +185,9 @@ def _continue_later(
     partial_path = services.layout.partial_path(run.run_id, event.round_index, event.worker_index)
     saved = dataclasses.replace(state, handler_s=state.handler_s + (began - share_began))
     size = save_arrays(partial_path, model.get_weights() + training.optimizer_state(model), saved.to_meta())
-    over = _round_over(event, services)
+    over = housekeeping.round_over(event, services.status)
     if over is not None:  # the round ended while this copy saved: nobody will continue from it
-        _take_back(partial_path, services.layout.run_dir(event.run_id))
+        housekeeping.take_back(partial_path, services.layout.run_dir(event.run_id))
         return _ignored(over)
     continuation = dataclasses.replace(event, resume_step=state.next_step)
     services.invoker.invoke_async([continuation.to_wire()])
